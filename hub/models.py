@@ -1,0 +1,186 @@
+"""Registry data. Models hold data only: writes live in hub.services, reads in hub.selectors."""
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.contrib.postgres.indexes import GinIndex
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+
+SLUG = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$",
+    "Use letters, digits, '.', '_' and '-' (at most 96 characters, starting with a letter or digit).",
+)
+
+
+class Visibility(models.TextChoices):
+    PUBLIC = "public"
+    PRIVATE = "private"
+
+
+class Blob(models.Model):
+    """Content-addressed bytes in blob storage; rows reference blobs, never paths."""
+
+    sha256 = models.CharField(primary_key=True, max_length=64)
+    size = models.BigIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    @property
+    def storage_key(self) -> str:
+        return blob_key(self.sha256)
+
+    def __str__(self) -> str:
+        return f"{self.sha256[:12]} ({self.size} B)"
+
+
+def blob_key(sha256: str) -> str:
+    return f"sha256/{sha256[:2]}/{sha256[2:4]}/{sha256}"
+
+
+class StoredFile(models.Model):
+    """A named file of an upload: the original file name and its blob."""
+
+    filename = models.CharField(max_length=255)
+    blob = models.ForeignKey(Blob, on_delete=models.PROTECT, related_name="+")
+
+    class Meta:
+        abstract = True
+
+    @property
+    def sha256(self) -> str:
+        return self.blob_id
+
+    @property
+    def size(self) -> int:
+        return self.blob.size
+
+
+class BaseModel(models.Model):
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="base_models")
+    namespace = models.CharField(max_length=96, validators=[SLUG])
+    name = models.CharField(max_length=96, validators=[SLUG])
+    description = models.TextField(blank=True)
+    architecture = models.CharField(max_length=128)
+    model_type = models.CharField(max_length=64)
+    config = models.JSONField()
+    # state-dict name → shape; adapters are validated against it.
+    module_shapes = models.JSONField()
+    dtype = models.CharField(max_length=16)
+    parameter_count = models.BigIntegerField()
+    # sha256 over the weight files' sha256s in shard order: same weights, same fingerprint.
+    weight_fingerprint = models.CharField(max_length=64, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["namespace", "name"], name="unique_base_model_id")]
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def __str__(self) -> str:
+        return self.full_name
+
+
+class BaseModelFile(StoredFile):
+    base_model = models.ForeignKey(BaseModel, on_delete=models.CASCADE, related_name="files")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["base_model", "filename"], name="unique_base_model_file")]
+
+
+class Adapter(models.Model):
+    """An adapter; format fields describe its latest revision (kept for filtering)."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="adapters")
+    namespace = models.CharField(max_length=96, validators=[SLUG])
+    name = models.CharField(max_length=96, validators=[SLUG])
+    base_model = models.ForeignKey(BaseModel, null=True, blank=True, on_delete=models.PROTECT, related_name="adapters")
+    description = models.TextField(blank=True)
+    tags = ArrayField(models.CharField(max_length=64), default=list, blank=True)
+    license = models.CharField(max_length=64, blank=True)
+    visibility = models.CharField(max_length=8, choices=Visibility.choices, default=Visibility.PUBLIC)
+    format = models.CharField(max_length=16)
+    peft_type = models.CharField(max_length=16)
+    rank = models.PositiveIntegerField()
+    alpha = models.FloatField()
+    use_rslora = models.BooleanField(default=False)
+    use_dora = models.BooleanField(default=False)
+    target_modules = ArrayField(models.CharField(max_length=128), default=list)
+    module_shapes = models.JSONField(default=dict)
+    dtype = models.CharField(max_length=16)
+    parameter_count = models.BigIntegerField()
+    # Parents, method and parameters for composed / generated adapters.
+    provenance = models.JSONField(default=dict, blank=True)
+    latest_revision = models.ForeignKey("Revision", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["namespace", "name"], name="unique_adapter_id")]
+        indexes = [
+            GinIndex(fields=["tags"], name="adapter_tags_gin"),
+            models.Index(fields=["base_model", "visibility"], name="adapter_base_visibility"),
+        ]
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def __str__(self) -> str:
+        return self.full_name
+
+
+class Revision(models.Model):
+    """One upload of an adapter; older revisions stay downloadable."""
+
+    adapter = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="revisions")
+    number = models.PositiveIntegerField()
+    # A git-like 40-hex id over the file manifest (what Hub-style clients call the commit).
+    commit = models.CharField(max_length=40, db_index=True)
+    metadata = models.JSONField()  # hub.formats.summarize_adapter of this upload
+    analysis = models.JSONField(null=True, blank=True)  # per-module spectra, filled by a worker
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["adapter", "number"], name="unique_revision_number")]
+        ordering = ["-number"]
+
+
+class RevisionFile(StoredFile):
+    revision = models.ForeignKey(Revision, on_delete=models.CASCADE, related_name="files")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["revision", "filename"], name="unique_revision_file")]
+        ordering = ["filename"]
+
+
+class Job(models.Model):
+    class Kind(models.TextChoices):
+        ANALYZE = "analyze"
+
+    class State(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
+    progress = models.FloatField(default=0.0, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)])
+    message = models.CharField(max_length=500, blank=True)
+    params = models.JSONField(default=dict)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.CASCADE, related_name="jobs")
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]

@@ -1,0 +1,116 @@
+"""Reads. Every query that returns adapters goes through `visible_adapters`, so
+visibility is applied inside SQL, never after it."""
+from __future__ import annotations
+
+from django.contrib.postgres.search import SearchQuery, SearchVector
+from django.db.models import Q, QuerySet
+
+from hub.errors import NotFound
+from hub.models import Adapter, BaseModel, BaseModelFile, Job, Revision, RevisionFile, Visibility
+
+
+def visible_adapters(user) -> QuerySet[Adapter]:
+    adapters = Adapter.objects.select_related("base_model", "owner", "latest_revision")
+    if user is not None and user.is_authenticated:
+        if user.is_staff:
+            return adapters
+        return adapters.filter(Q(visibility=Visibility.PUBLIC) | Q(owner=user))
+    return adapters.filter(visibility=Visibility.PUBLIC)
+
+
+def adapter_list(
+    user,
+    *,
+    base_model: str | None = None,
+    format: str | None = None,
+    tag: str | None = None,
+    license: str | None = None,
+    owner: str | None = None,
+    q: str | None = None,
+) -> QuerySet[Adapter]:
+    adapters = visible_adapters(user)
+    if base_model:
+        namespace, _, name = base_model.partition("/")
+        adapters = adapters.filter(base_model__namespace=namespace, base_model__name=name)
+    if format:
+        adapters = adapters.filter(format=format)
+    if tag:
+        adapters = adapters.filter(tags__contains=[tag])
+    if license:
+        adapters = adapters.filter(license__iexact=license)
+    if owner:
+        adapters = adapters.filter(owner__username=owner)
+    if q:
+        # Keywords: full-text over name and description, plus substring on the id and tags.
+        document = SearchVector("name", "namespace", "description", config="english")
+        adapters = adapters.annotate(document=document).filter(
+            Q(document=SearchQuery(q, config="english", search_type="websearch"))
+            | Q(name__icontains=q)
+            | Q(tags__icontains=q)
+        )
+    return adapters.order_by("-updated_at", "id")
+
+
+def get_adapter(user, namespace: str, name: str) -> Adapter:
+    adapter = visible_adapters(user).filter(namespace=namespace, name=name).first()
+    if adapter is None:
+        # Same answer for "missing" and "private to someone else": no existence leak.
+        raise NotFound("adapter_not_found", f"No adapter {namespace}/{name}.")
+    return adapter
+
+
+def get_revision(adapter: Adapter, revision: str | None) -> Revision:
+    """`revision` is a revision number, a commit id (or its prefix), 'main' or None (the latest)."""
+    if revision in (None, "", "main", "latest"):
+        if adapter.latest_revision is None:
+            raise NotFound("revision_not_found", f"{adapter.full_name} has no revision.")
+        return adapter.latest_revision
+    revisions = adapter.revisions.all()
+    if revision.isdigit() and len(revision) < 10:
+        found = revisions.filter(number=int(revision)).first()
+    else:
+        found = revisions.filter(commit__startswith=revision.lower()).first() if len(revision) >= 7 else None
+    if found is None:
+        raise NotFound("revision_not_found", f"{adapter.full_name} has no revision {revision!r}.")
+    return found
+
+
+def get_revision_file(revision: Revision, filename: str) -> RevisionFile:
+    found = revision.files.select_related("blob").filter(filename=filename).first()
+    if found is None:
+        raise NotFound("file_not_found", f"Revision {revision.number} has no file {filename!r}.")
+    return found
+
+
+def base_model_list() -> QuerySet[BaseModel]:
+    return BaseModel.objects.order_by("namespace", "name")
+
+
+def get_base_model(full_name: str) -> BaseModel:
+    namespace, _, name = full_name.partition("/")
+    found = BaseModel.objects.filter(namespace=namespace, name=name).first()
+    if found is None:
+        raise NotFound("base_model_not_found", f"No base model {full_name!r} is registered.")
+    return found
+
+
+def get_base_model_file(base_model: BaseModel, filename: str) -> BaseModelFile:
+    found = base_model.files.select_related("blob").filter(filename=filename).first()
+    if found is None:
+        raise NotFound("file_not_found", f"{base_model.full_name} has no file {filename!r}.")
+    return found
+
+
+def visible_jobs(user) -> QuerySet[Job]:
+    if user is None or not user.is_authenticated:
+        return Job.objects.none()
+    if user.is_staff:
+        return Job.objects.all()
+    return Job.objects.filter(owner=user)
+
+
+def get_job(user, job_id) -> Job:
+    found = visible_jobs(user).filter(id=job_id).first()
+    if found is None:
+        raise NotFound("job_not_found", f"No job {job_id}.")
+    return found

@@ -1,0 +1,1 @@
+"""Writes. Views, serializers and Celery tasks call these; they hold the rules."""

@@ -1,0 +1,1 @@
+"""Tensor math for adapters: pure torch references, Triton kernels beside them. No Django."""

@@ -1,0 +1,111 @@
+"""Shared fixtures: real PostgreSQL (embedded or DATABASE_URL), real Redis, a real
+Celery worker process, and real adapter files built with PEFT (hub.demo)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def demo_files():
+    """The demo catalog's real files (base models and adapters), built once and cached."""
+    from hub.demo.builders import build_demo_files
+
+    return build_demo_files(ROOT / "var" / "demo-cache")
+
+
+@pytest.fixture
+def make_user(db):
+    from django.contrib.auth import get_user_model
+
+    def make(username: str, **extra):
+        return get_user_model().objects.create_user(username=username, password="pw-" + username, **extra)
+
+    return make
+
+
+@pytest.fixture
+def client_for():
+    """An API client authenticated with a real API token of `user` (None: anonymous)."""
+    from rest_framework.test import APIClient
+
+    from hub.services.accounts import create_api_token
+
+    def make(user=None) -> APIClient:
+        client = APIClient()
+        if user is not None:
+            client.credentials(HTTP_AUTHORIZATION="Token " + create_api_token(user))
+        return client
+
+    return make
+
+
+def _database_url_for_test_db() -> str:
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    host = quote(db.get("HOST") or "", safe="")
+    password = f":{quote(db['PASSWORD'], safe='')}" if db.get("PASSWORD") else ""
+    port = f":{db['PORT']}" if db.get("PORT") else ""
+    return f"postgres://{db['USER']}{password}@{host}{port}/{db['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, django_db_blocker):
+    """A real `celery worker` process on the test database, consuming every queue."""
+    from workers import app
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = ARTIFACTS / "celery-worker.log"
+    app.control.purge()  # tasks left by an earlier, interrupted run
+    env = {**os.environ, "DATABASE_URL": _database_url_for_test_db(), "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers", "worker", "--queues", "default,embed,gpu",
+             "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO", "--hostname", f"test-{os.getpid()}@%h"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    while "ready." not in log_path.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("celery worker did not start:\n" + log_path.read_text()[-3000:])
+        time.sleep(0.2)
+    yield process
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def wait_for_job(job_id, *, timeout: float = 120.0):
+    """Poll the Job row (as a client would poll /api/v1/jobs/{id}/) until it finishes."""
+    from hub.models import Job
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = Job.objects.get(id=job_id)
+        if job.state in (Job.State.SUCCEEDED, Job.State.FAILED):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job.state} after {timeout}s")
+
+
+@pytest.fixture
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
