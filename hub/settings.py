@@ -162,6 +162,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 20,
     "EXCEPTION_HANDLER": "api.exceptions.json_exception_handler",
+    # `?format=` is the adapter-format filter, not a renderer switch.
+    "URL_FORMAT_OVERRIDE": None,
 }
 REST_KNOX = {
     "TOKEN_TTL": None,  # API tokens for scripts live until revoked

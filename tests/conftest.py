@@ -109,3 +109,58 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture
+def demo_bases(db, demo_files):
+    """The demo base models registered through the service (full name → BaseModel)."""
+    from django.contrib.auth import get_user_model
+
+    from hub.services.base_models import register_base_model
+    from hub.services.files import IncomingFile
+
+    owner, _ = get_user_model().objects.get_or_create(username="quiver-demo")
+    return {
+        f"{entry['namespace']}/{entry['name']}": register_base_model(
+            user=owner, namespace=entry["namespace"], name=entry["name"],
+            files=[IncomingFile.from_path(path) for path in entry["files"]],
+        )
+        for entry in demo_files["base_models"]
+    }
+
+
+@pytest.fixture
+def demo_adapter(demo_files):
+    """A demo catalog adapter entry by name."""
+    by_name = {entry["name"]: entry for entry in demo_files["adapters"]}
+    return by_name.__getitem__
+
+
+def upload_payload(entry: dict, **fields) -> dict:
+    """Multipart data for POST /api/v1/adapters/ from a built catalog entry's real files."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    files = [SimpleUploadedFile(Path(path).name, Path(path).read_bytes()) for path in entry["files"]]
+    data = {"files": files, "namespace": fields.pop("namespace", "alice"), "name": fields.pop("name", entry["name"])}
+    if entry.get("base_model"):
+        data["base_model"] = entry["base_model"]
+    data.update({"description": entry.get("description", ""), **fields})
+    return data
+
+
+def stored_state() -> dict:
+    """What an upload leaves behind: rows and blob files (to assert a refusal left nothing)."""
+    from django.conf import settings
+
+    from hub.models import Adapter, Blob, Revision, RevisionFile
+
+    blob_root = Path(settings.BLOB_ROOT)
+    upload_tmp = Path(settings.FILE_UPLOAD_TEMP_DIR)
+    return {
+        "adapters": Adapter.objects.count(),
+        "revisions": Revision.objects.count(),
+        "files": RevisionFile.objects.count(),
+        "blobs": Blob.objects.count(),
+        "blob_files": sorted(str(p) for p in blob_root.rglob("*") if p.is_file()) if blob_root.exists() else [],
+        "upload_tmp": sorted(str(p) for p in upload_tmp.rglob("*") if p.is_file()) if upload_tmp.exists() else [],
+    }

@@ -1,0 +1,451 @@
+"""Weight encoder: a LoRA adapter's parameters → the text-embedding space.
+
+After AutoLoRA ("weight encoding-based LoRA retriever that establishes a
+shared semantic space between LoRA parameter matrices and text prompts"): an
+adapter with thin metadata can still be found by a text query, because its
+weights are embedded next to the descriptions of similar adapters.
+
+Pipeline
+1. `module_features`: per LoRA module, features of ΔW = scale·B@A that do not
+   depend on the arbitrary factorisation (A, B) → (R·A, B·R⁻¹), nor on rank
+   padding, nor on the sign of singular vectors. Computed from the thin SVD of
+   ΔW (`kernels.lowrank.lowrank_svd`, never forming the dense matrix).
+2. Module identity: a hashed module-kind embedding ("q_proj", "query", ...),
+   the relative depth of the module's layer, and its LoRA kind.
+3. `WeightEncoder`: DeepSets with attention pooling — an MLP per module,
+   mean + attention-weighted pooling over the adapter's modules (any number,
+   any ranks), an MLP to TEXT_DIM, L2-normalised.
+4. `train_encoder`: symmetric InfoNCE between encoded adapters and the
+   embeddings of their descriptions.
+
+Pure torch; nothing here imports Django. Weights are stored as safetensors
+with a JSON sidecar (never pickle).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from generation.text_encoder import TEXT_DIM, TEXT_ENCODER_ID
+from hub.formats.canonical import CanonicalAdapter, LoraModule, short_module_name
+from kernels.lowrank import lowrank_svd
+
+# Bump whenever features or architecture change: embeddings made by different
+# versions live in different spaces and must never be compared.
+ENCODER_VERSION = "weight-encoder/1"
+
+DEFAULT_K = 8
+DEFAULT_PROJ_DIM = 32
+KIND_BUCKETS = 64  # hashed vocabulary of module kinds ("q_proj", "query", "to_k", ...)
+LORA_KINDS = ("linear", "conv", "embedding")
+IDENTITY_DIM = 2 + len(LORA_KINDS)  # [relative depth, has layer index, one-hot LoRA kind]
+_LOG_RANGE = math.log(1e6)  # log-scaled magnitudes are divided by this (≈ [-1, 1] for 1e-6..1e6)
+_EPS = 1e-6
+
+
+def feature_dim(k: int = DEFAULT_K, proj_dim: int = DEFAULT_PROJ_DIM) -> int:
+    """Length of `module_features(..., k=k, proj_dim=proj_dim)`."""
+    return 2 * k + 2 + proj_dim * proj_dim
+
+
+@lru_cache(maxsize=64)
+def _projection(dim: int, proj_dim: int) -> torch.Tensor:
+    """Fixed Gaussian projection R^dim → R^proj_dim (float64, dim × proj_dim),
+    seeded by the dimension alone: every adapter on the same base model (same
+    in/out features) is sketched by the same matrix, on any machine."""
+    generator = torch.Generator().manual_seed(int(dim))
+    return torch.randn(int(dim), int(proj_dim), generator=generator, dtype=torch.float64)
+
+
+def module_features(path: str, module: LoraModule, *, k: int = DEFAULT_K, proj_dim: int = DEFAULT_PROJ_DIM) -> torch.Tensor:
+    """Basis-free features of one module's ΔW = scale·B@A (float32, `feature_dim(k, proj_dim)`).
+
+    With ΔW = Σᵢ sᵢ·uᵢ·vᵢᵀ (thin SVD, via QR of the factors):
+
+    - spectrum shape: the top-k sᵢ / ‖s‖₂ (zero-padded when rank < k);
+    - spectrum scale: log(sᵢ) of the top k, log‖ΔW‖_F (both / log 1e6, so in
+      about [-1, 1]); padded values sit at the floor (-1);
+    - effective rank: exp(entropy of sᵢ²/Σsⱼ²) / k;
+    - directions: the sketch Σᵢ wᵢ·(P_outᵀuᵢ)(P_inᵀvᵢ)ᵀ over the top k, with
+      wᵢ = sᵢ/‖s‖₂ and P_out (out × proj_dim), P_in (in × proj_dim) fixed
+      Gaussian matrices seeded by the dimension; flattened (proj_dim²).
+
+    Sign invariance — why the outer product: a singular pair is only defined
+    up to (uᵢ, vᵢ) → (-uᵢ, -vᵢ), and for (near-)equal singular values only up
+    to a rotation inside their subspace. Flipping each pair so a reference
+    projection is positive fixes the sign but is discontinuous where that
+    projection crosses 0 (a little noise flips it) and does nothing for ties;
+    |·| of the projections is continuous but throws away the relative sign of
+    u and v. The rank-1 outer products are unchanged by the joint sign flip,
+    and their weighted sum is unchanged by any rotation among tied pairs (it
+    is just P_outᵀ·ΔW_k·P_in / ‖s‖ for the rank-k truncation ΔW_k), so the
+    features are continuous in ΔW and keep the pairing of input and output
+    directions — a Johnson–Lindenstrauss sketch of the normalised update.
+
+    Only ΔW is used, so features(A, B) == features(R·A, B·R⁻¹) for any
+    invertible R, and zero-padding the rank changes nothing. A DoRA magnitude
+    vector is ignored (it depends on the base weights). `path` is accepted for
+    symmetry with `module_identity` and for error messages.
+    """
+    A = module.A.reshape(module.A.shape[0], -1).to(torch.float64)
+    B = module.B.reshape(module.B.shape[0], -1).to(torch.float64)
+    if A.shape[0] != B.shape[1]:
+        raise ValueError(f"module '{path}': A has {A.shape[0]} rows but B has {B.shape[1]} columns")
+    U, S, Vh = lowrank_svd([B], [A], [float(module.scale)])
+    S = S.clamp_min(0.0)
+    total = torch.linalg.vector_norm(S)
+    top = min(k, S.numel())
+
+    s_top = torch.zeros(k, dtype=torch.float64)
+    s_top[:top] = S[:top]
+    rel = s_top / (total + _EPS)
+    log_s = torch.log(s_top.clamp_min(_EPS)) / _LOG_RANGE
+    log_total = torch.log(total.clamp_min(_EPS)) / _LOG_RANGE
+    energy = S**2 / (S**2).sum().clamp_min(1e-30)
+    entropy = -(energy * torch.log(energy.clamp_min(1e-30))).sum()
+    eff_rank = torch.exp(entropy) / k if total > _EPS else torch.zeros((), dtype=torch.float64)
+
+    out_dim, in_dim = int(U.shape[0]), int(Vh.shape[1])
+    left = _projection(out_dim, proj_dim).T @ U[:, :top]  # proj_dim × top
+    right = Vh[:top] @ _projection(in_dim, proj_dim)  # top × proj_dim
+    sketch = (left * (S[:top] / (total + _EPS))) @ right  # proj_dim × proj_dim
+
+    spectral = torch.cat([rel, log_s, log_total.reshape(1), eff_rank.reshape(1)])
+    return torch.cat([spectral, sketch.reshape(-1)]).to(torch.float32)
+
+
+_INDEX_COMPONENT = re.compile(r"^\d+$")
+_KOHYA_INDEX = re.compile(r"_(\d+)_")
+
+
+def parse_module_path(path: str) -> tuple[int | None, str]:
+    """(layer index or None, module kind) from a module path.
+
+    "model.layers.3.self_attn.q_proj" → (3, "q_proj");
+    "encoder.layer.2.attention.self.query" → (2, "query");
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj" → (0, "self_attn_q_proj").
+    The layer is the first numeric path component (the outermost block);
+    the kind is the module's own name (`short_module_name`)."""
+    kind = short_module_name(path)
+    if "." in path:
+        layer = next((int(part) for part in path.split(".") if _INDEX_COMPONENT.match(part)), None)
+    else:
+        match = _KOHYA_INDEX.search(path)
+        layer = int(match.group(1)) if match else None
+    return layer, kind
+
+
+def kind_bucket(kind: str) -> int:
+    """Stable hash (crc32, not Python's salted hash) of a module kind into the vocabulary."""
+    return zlib.crc32(kind.lower().encode("utf-8")) % KIND_BUCKETS
+
+
+@dataclass
+class AdapterFeatures:
+    """An adapter prepared for the encoder (computed once; cheap to re-encode)."""
+
+    features: torch.Tensor  # M × feature_dim
+    kind_ids: torch.Tensor  # M (long)
+    identity: torch.Tensor  # M × IDENTITY_DIM
+    paths: list[str]
+
+
+def adapter_features(adapter: CanonicalAdapter, *, k: int = DEFAULT_K, proj_dim: int = DEFAULT_PROJ_DIM) -> AdapterFeatures:
+    """Module features + identities of every module (sorted by path)."""
+    paths = sorted(adapter.modules)
+    if not paths:
+        raise ValueError("adapter has no LoRA modules to encode")
+    parsed = [parse_module_path(path) for path in paths]
+    max_layer = max((layer for layer, _ in parsed if layer is not None), default=0)
+    features, kind_ids, identity = [], [], []
+    for path, (layer, kind) in zip(paths, parsed):
+        module = adapter.modules[path]
+        features.append(module_features(path, module, k=k, proj_dim=proj_dim))
+        kind_ids.append(kind_bucket(kind))
+        depth = (layer / max_layer) if (layer is not None and max_layer > 0) else 0.0
+        lora_kind = [1.0 if module.kind == name else 0.0 for name in LORA_KINDS]
+        identity.append([depth, 1.0 if layer is not None else 0.0, *lora_kind])
+    return AdapterFeatures(
+        features=torch.stack(features),
+        kind_ids=torch.tensor(kind_ids, dtype=torch.long),
+        identity=torch.tensor(identity, dtype=torch.float32),
+        paths=paths,
+    )
+
+
+def collate(prepared: list[AdapterFeatures]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad a list of prepared adapters to (features, kind_ids, identity, mask), each batch × M_max × …"""
+    size = max(item.features.shape[0] for item in prepared)
+    batch = len(prepared)
+    dim = prepared[0].features.shape[1]
+    features = torch.zeros(batch, size, dim)
+    kind_ids = torch.zeros(batch, size, dtype=torch.long)
+    identity = torch.zeros(batch, size, IDENTITY_DIM)
+    mask = torch.zeros(batch, size, dtype=torch.bool)
+    for row, item in enumerate(prepared):
+        if item.features.shape[1] != dim:
+            raise ValueError("prepared adapters were made with different k / proj_dim")
+        m = item.features.shape[0]
+        features[row, :m] = item.features
+        kind_ids[row, :m] = item.kind_ids
+        identity[row, :m] = item.identity
+        mask[row, :m] = True
+    return features, kind_ids, identity, mask
+
+
+class WeightEncoder(nn.Module):
+    """DeepSets with attention pooling over an adapter's modules → TEXT_DIM (unit norm).
+
+    per module: φ([features ‖ kind embedding ‖ identity]) → hidden
+    pooled:     [mean over modules ‖ softmax(attention score)-weighted sum]
+    output:     ρ(pooled) → out_dim, L2-normalised
+    """
+
+    def __init__(
+        self,
+        *,
+        k: int = DEFAULT_K,
+        proj_dim: int = DEFAULT_PROJ_DIM,
+        hidden: int = 256,
+        kind_dim: int = 16,
+        out_dim: int = TEXT_DIM,
+        kind_buckets: int = KIND_BUCKETS,
+    ):
+        super().__init__()
+        self.k, self.proj_dim, self.hidden, self.kind_dim = int(k), int(proj_dim), int(hidden), int(kind_dim)
+        self.out_dim, self.kind_buckets = int(out_dim), int(kind_buckets)
+        in_dim = feature_dim(self.k, self.proj_dim) + self.kind_dim + IDENTITY_DIM
+        self.kind_embedding = nn.Embedding(self.kind_buckets, self.kind_dim)
+        self.phi = nn.Sequential(
+            nn.Linear(in_dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, self.hidden), nn.GELU()
+        )
+        self.attention = nn.Linear(self.hidden, 1)
+        self.rho = nn.Sequential(nn.Linear(2 * self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, self.out_dim))
+        self.training_curve: list[dict] = []
+        self.metadata: dict = {}
+
+    def config(self) -> dict:
+        """Architecture hyper-parameters (what `WeightEncoder(**config)` needs)."""
+        return {
+            "k": self.k, "proj_dim": self.proj_dim, "hidden": self.hidden, "kind_dim": self.kind_dim,
+            "out_dim": self.out_dim, "kind_buckets": self.kind_buckets,
+        }
+
+    def prepare(self, adapter: CanonicalAdapter) -> AdapterFeatures:
+        return adapter_features(adapter, k=self.k, proj_dim=self.proj_dim)
+
+    def forward(self, features: torch.Tensor, kind_ids: torch.Tensor, identity: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Batched path: padded tensors from `collate` → batch × out_dim (unit rows)."""
+        x = torch.cat([features, self.kind_embedding(kind_ids), identity], dim=-1)
+        h = self.phi(x)  # batch × M × hidden
+        weights = mask.to(h.dtype).unsqueeze(-1)
+        mean = (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        scores = self.attention(h).squeeze(-1).masked_fill(~mask, float("-inf"))
+        attended = (torch.softmax(scores, dim=1).unsqueeze(-1) * h).sum(1)
+        out = self.rho(torch.cat([mean, attended], dim=-1))
+        return F.normalize(out, dim=-1)
+
+    def encode_prepared(self, prepared: list[AdapterFeatures]) -> torch.Tensor:
+        return self(*collate(prepared))
+
+    @torch.no_grad()
+    def encode_many(self, adapters: list[CanonicalAdapter]) -> torch.Tensor:
+        """len(adapters) × out_dim."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.encode_prepared([self.prepare(adapter) for adapter in adapters])
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def encode(self, adapter: CanonicalAdapter) -> torch.Tensor:
+        """(out_dim,) unit vector in the text space."""
+        return self.encode_many([adapter])[0]
+
+
+# ----------------------------------------------------------------------
+# Construction, persistence
+
+
+UNTRAINED_SEED = 20240901
+
+
+def _initialise(encoder: WeightEncoder, seed: int) -> WeightEncoder:
+    """Deterministic initialisation from `seed` (independent of the global RNG):
+    Gaussian weights with variance 1/fan_in and zero biases, so the untrained
+    network is a fixed random map that roughly preserves angles between the
+    (mean-centred) spectral features of two adapters."""
+    generator = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for name, parameter in encoder.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
+            elif parameter.ndim == 2 and name.startswith("kind_embedding"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+            else:
+                fan_in = parameter.shape[1] if parameter.ndim == 2 else parameter.numel()
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / math.sqrt(fan_in))
+    return encoder
+
+
+def untrained_encoder(**config) -> WeightEncoder:
+    """The deterministic encoder used before any training: the same weights on
+    every machine, so "similar by weights" search works from day one
+    (reparametrised or slightly perturbed twins land next to each other)."""
+    encoder = _initialise(WeightEncoder(**config), UNTRAINED_SEED)
+    encoder.metadata = {"trained": False, "init_seed": UNTRAINED_SEED}
+    return encoder.eval()
+
+
+def _paths(path) -> tuple[Path, Path]:
+    """(weights, metadata) files: "x.safetensors" → x.safetensors + x.json; any
+    other path is a directory holding encoder.safetensors + encoder.json."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return path, path.with_suffix(".json")
+    return path / "encoder.safetensors", path / "encoder.json"
+
+
+def save_encoder(encoder: WeightEncoder, path) -> Path:
+    """Write weights (safetensors) + metadata (JSON: version, architecture,
+    text encoder, training curve). Returns the weights file."""
+    from safetensors.torch import save_file
+
+    weights_path, meta_path = _paths(path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in encoder.state_dict().items()}
+    save_file(state, str(weights_path), metadata={"encoder_version": ENCODER_VERSION})
+    meta = {
+        "encoder_version": ENCODER_VERSION,
+        "text_encoder": TEXT_ENCODER_ID,
+        "text_dim": TEXT_DIM,
+        "architecture": encoder.config(),
+        "metadata": encoder.metadata,
+        "training_curve": encoder.training_curve,
+    }
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return weights_path
+
+
+def load_encoder(path) -> WeightEncoder:
+    """Read what `save_encoder` wrote; refuses another ENCODER_VERSION (its
+    embeddings would live in a different space)."""
+    from safetensors.torch import load_file
+
+    weights_path, meta_path = _paths(path)
+    meta = json.loads(meta_path.read_text())
+    if meta.get("encoder_version") != ENCODER_VERSION:
+        raise ValueError(
+            f"{weights_path}: encoder version {meta.get('encoder_version')!r}, this code reads {ENCODER_VERSION!r}"
+        )
+    encoder = WeightEncoder(**meta["architecture"])
+    encoder.load_state_dict(load_file(str(weights_path)), strict=True)
+    encoder.metadata = meta.get("metadata", {})
+    encoder.training_curve = meta.get("training_curve", [])
+    return encoder.eval()
+
+
+# ----------------------------------------------------------------------
+# Training
+
+
+def recall_at_k(query_embeddings: torch.Tensor, item_embeddings: torch.Tensor, k: int = 1) -> float:
+    """Fraction of queries whose correct item (query i ↔ item i) is among the
+    k items with the highest cosine similarity."""
+    queries = F.normalize(query_embeddings.float(), dim=-1)
+    items = F.normalize(item_embeddings.float(), dim=-1)
+    if queries.shape[0] == 0:
+        return 0.0
+    scores = queries @ items.T
+    top = scores.topk(min(k, items.shape[0]), dim=1).indices
+    hits = (top == torch.arange(queries.shape[0]).unsqueeze(1)).any(dim=1)
+    return float(hits.float().mean())
+
+
+def _info_nce(adapter_emb: torch.Tensor, text_emb: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = adapter_emb @ text_emb.T / temperature
+    targets = torch.arange(logits.shape[0])
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def train_encoder(
+    adapters: list[CanonicalAdapter],
+    text_embeddings: torch.Tensor,
+    *,
+    epochs: int = 200,
+    lr: float = 1e-3,
+    temperature: float = 0.07,
+    seed: int = 0,
+    batch_size: int = 256,
+    weight_decay: float = 1e-4,
+    progress: Callable[[float, str], None] | None = None,
+    **config,
+) -> tuple[WeightEncoder, list[dict]]:
+    """Contrastive training: adapter i ↔ text_embeddings[i], symmetric InfoNCE.
+
+    Deterministic given `seed` (initialisation and batch order use their own
+    generators; the global RNG is untouched). Module features are computed
+    once up front — they never change — so an epoch is only the small
+    network. `config` is passed to `WeightEncoder` (k, proj_dim, hidden, …).
+    Returns (encoder in eval mode, curve: one dict per epoch — epoch 0 is the
+    initialisation — with the mean training loss and the training-set
+    recall@1 of text → adapter retrieval)."""
+    if len(adapters) != text_embeddings.shape[0]:
+        raise ValueError(f"{len(adapters)} adapters but {text_embeddings.shape[0]} text embeddings")
+    if len(adapters) < 2:
+        raise ValueError("contrastive training needs at least two adapters")
+    texts = F.normalize(text_embeddings.detach().float(), dim=-1)
+    encoder = _initialise(WeightEncoder(**config), seed)
+    if texts.shape[1] != encoder.out_dim:
+        raise ValueError(f"text embeddings are {texts.shape[1]}-d, the encoder outputs {encoder.out_dim}-d")
+
+    prepared = [encoder.prepare(adapter) for adapter in adapters]
+    features, kind_ids, identity, mask = collate(prepared)
+    n = len(prepared)
+    generator = torch.Generator().manual_seed(int(seed))
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=weight_decay)
+    curve: list[dict] = []
+
+    def evaluate() -> tuple[float, float]:
+        encoder.eval()
+        with torch.no_grad():
+            encoded = encoder(features, kind_ids, identity, mask)
+            return float(_info_nce(encoded, texts, temperature)), recall_at_k(texts, encoded, 1)
+
+    loss0, recall0 = evaluate()  # epoch 0: the initialisation, for comparison
+    curve.append({"epoch": 0, "loss": loss0, "recall_at_1": recall0})
+    for epoch in range(int(epochs)):
+        encoder.train()
+        order = torch.randperm(n, generator=generator)
+        total, batches = 0.0, 0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            if idx.numel() < 2:  # a 1-item batch has no negatives
+                continue
+            loss = _info_nce(encoder(features[idx], kind_ids[idx], identity[idx], mask[idx]), texts[idx], temperature)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.detach().item()
+            batches += 1
+        _, recall = evaluate()
+        curve.append({"epoch": epoch + 1, "loss": total / max(batches, 1), "recall_at_1": recall})
+        if progress is not None:
+            progress((epoch + 1) / epochs, f"epoch {epoch + 1}/{epochs} loss {curve[-1]['loss']:.4f} recall@1 {recall:.2f}")
+    encoder.training_curve = curve
+    encoder.metadata = {
+        "trained": True, "seed": int(seed), "epochs": int(epochs), "lr": float(lr),
+        "temperature": float(temperature), "adapters": n, "batch_size": int(batch_size),
+    }
+    return encoder.eval(), curve

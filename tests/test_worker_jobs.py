@@ -1,0 +1,50 @@
+"""Background work in a real Celery worker process, reported through the Job row."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import upload_payload, wait_for_job
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_upload_is_analysed_by_a_real_worker_and_job_is_visible_to_its_owner(
+        celery_worker_process, demo_bases, demo_adapter, make_user, client_for):
+    from hub.models import Job, Revision
+
+    alice = make_user("alice")
+    api = client_for(alice)
+    response = api.post("/api/v1/adapters/", upload_payload(demo_adapter("sql-from-questions")), format="multipart")
+    assert response.status_code == 201
+    revision = Revision.objects.get(adapter__name="sql-from-questions")
+    job = Job.objects.get(kind=Job.Kind.ANALYZE, params__revision_id=revision.id)
+
+    finished = wait_for_job(job.id)
+
+    assert finished.state == Job.State.SUCCEEDED, finished.error
+    api_job = api.get(f"/api/v1/jobs/{job.id}/").json()
+    assert api_job["state"] == "succeeded" and api_job["progress"] == 1.0
+    assert api_job["result"]["modules"] == len(revision.metadata["module_shapes"])
+    revision.refresh_from_db()
+    spectra = revision.analysis["modules"]
+    assert set(spectra) == set(revision.metadata["module_shapes"])
+    for module in spectra.values():
+        values = module["singular_values"]
+        assert len(values) == module["rank"] == 8 and values == sorted(values, reverse=True) and values[0] > 0
+    # Jobs are private to their owner.
+    assert client_for(make_user("bob")).get(f"/api/v1/jobs/{job.id}/").status_code == 404
+    assert client_for(None).get(f"/api/v1/jobs/{job.id}/").status_code == 401
+
+
+def test_a_finished_job_is_not_run_twice(celery_worker_process, demo_bases, demo_adapter, make_user, client_for):
+    from hub.models import Job
+    from hub.services.jobs import run_job
+
+    api = client_for(make_user("alice"))
+    api.post("/api/v1/adapters/", upload_payload(demo_adapter("ticket-summarizer")), format="multipart")
+    job = wait_for_job(Job.objects.get(kind=Job.Kind.ANALYZE).id)
+    calls = []
+
+    rerun = run_job(str(job.id), lambda job, reporter: calls.append(job) or {})
+
+    assert calls == [] and rerun.state == Job.State.SUCCEEDED and rerun.attempts == 1
