@@ -48,9 +48,9 @@ def gunicorn(workers: int = 2, threads: int = 4):
         deadline = time.monotonic() + 60
         while True:
             try:
-                if requests.get(url + "/api/v1/health", timeout=2).ok:
+                if requests.get(url + "/api/v1/health", timeout=30).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError("gunicorn did not come up")
