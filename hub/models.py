@@ -8,6 +8,9 @@ from django.contrib.postgres.fields import ArrayField
 from django.contrib.postgres.indexes import GinIndex
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
+from pgvector.django import HnswIndex, VectorField
+
+EMBEDDING_DIM = 384  # all-MiniLM-L6-v2; weight embeddings live in the same space
 
 SLUG = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$",
@@ -115,6 +118,16 @@ class Adapter(models.Model):
     # Parents, method and parameters for composed / generated adapters.
     provenance = models.JSONField(default=dict, blank=True)
     latest_revision = models.ForeignKey("Revision", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # Search vectors (filled by workers). Each records the encoder that made it:
+    # vectors of different encoders are never compared.
+    description_embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
+    description_encoder = models.CharField(max_length=128, blank=True)
+    weight_embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
+    weight_encoder = models.CharField(max_length=128, blank=True, db_index=True)
+    weight_embedded_revision = models.PositiveIntegerField(null=True, blank=True)
+    # Set when the weights are almost the same as an older adapter's on the same base (not blocking).
+    near_duplicate_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    near_duplicate_similarity = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -123,6 +136,10 @@ class Adapter(models.Model):
         indexes = [
             GinIndex(fields=["tags"], name="adapter_tags_gin"),
             models.Index(fields=["base_model", "visibility"], name="adapter_base_visibility"),
+            HnswIndex(name="adapter_description_hnsw", fields=["description_embedding"], m=16, ef_construction=64,
+                      opclasses=["vector_cosine_ops"]),
+            HnswIndex(name="adapter_weight_hnsw", fields=["weight_embedding"], m=16, ef_construction=64,
+                      opclasses=["vector_cosine_ops"]),
         ]
 
     @property
@@ -158,9 +175,31 @@ class RevisionFile(StoredFile):
         ordering = ["filename"]
 
 
+class EncoderArtifact(models.Model):
+    """A trained weight encoder (safetensors + JSON in blob storage). The newest
+    active one embeds adapters; a new one re-embeds everything in the background."""
+
+    version = models.CharField(max_length=64)  # generation.weight_encoder.ENCODER_VERSION
+    weights = models.ForeignKey(Blob, on_delete=models.PROTECT, related_name="+")
+    config = models.JSONField()  # the JSON sidecar: architecture, metadata, training curve
+    metrics = models.JSONField(default=dict)
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    @property
+    def label(self) -> str:
+        return f"{self.version}@{self.weights_id[:12]}"
+
+
 class Job(models.Model):
     class Kind(models.TextChoices):
         ANALYZE = "analyze"
+        EMBED = "embed"
+        REEMBED_ALL = "reembed_all"
+        TRAIN_WEIGHT_ENCODER = "train_weight_encoder"
 
     class State(models.TextChoices):
         QUEUED = "queued"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.contrib.postgres.search import SearchQuery, SearchVector
 from django.db.models import Q, QuerySet
 
+from hub import formats
+from hub.blobs import blobs_on_disk
 from hub.errors import NotFound
 from hub.models import Adapter, BaseModel, BaseModelFile, Job, Revision, RevisionFile, Visibility
 
@@ -114,3 +116,10 @@ def get_job(user, job_id) -> Job:
     if found is None:
         raise NotFound("job_not_found", f"No job {job_id}.")
     return found
+
+
+def load_revision_adapter(revision: Revision) -> formats.CanonicalAdapter:
+    """The canonical form of a stored revision (parsed and validated again: blobs are inputs too)."""
+    files = {f.filename: f.blob_id for f in revision.files.all()}
+    with blobs_on_disk(files) as paths:
+        return formats.parse_adapter(paths)

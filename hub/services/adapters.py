@@ -12,6 +12,7 @@ from hub.errors import Conflict, Forbidden, InvalidInput, NotFound
 from hub.models import SLUG, Adapter, BaseModel, Job, Revision, RevisionFile, Visibility
 from hub.selectors import get_base_model
 from hub.services.files import IncomingFile, as_invalid_input, check_incoming_files, manifest_commit, store_blobs
+from hub.services.embeddings import enqueue_embedding
 from hub.services.jobs import enqueue_job
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def upload_adapter(
             adapter.latest_revision = revision
             adapter.save(update_fields=["latest_revision"])
             enqueue_job(kind=Job.Kind.ANALYZE, owner=user, params={"revision_id": revision.id})
+            enqueue_embedding(adapter, owner=user)
     except IntegrityError:
         raise Conflict("concurrent_upload", f"{namespace}/{name} was being created by another upload; try again.") from None
     return revision
@@ -159,9 +161,13 @@ def update_adapter(*, user, adapter: Adapter, **changes) -> Adapter:
     if adapter.owner_id != user.id and not user.is_staff:
         raise Forbidden("not_owner", "Only the owner can change this adapter.")
     metadata = clean_metadata(**{key: changes[key] for key in EDITABLE_FIELDS if key in changes})
-    for key, value in metadata.items():
-        setattr(adapter, key, value)
-    adapter.save(update_fields=[*metadata.keys(), "updated_at"])
+    text_changed = any(getattr(adapter, key) != metadata[key] for key in ("description", "tags") if key in metadata)
+    with transaction.atomic():
+        for key, value in metadata.items():
+            setattr(adapter, key, value)
+        adapter.save(update_fields=[*metadata.keys(), "updated_at"])
+        if text_changed:
+            enqueue_embedding(adapter, parts=("description",), owner=user)
     return adapter
 
 

@@ -3,19 +3,16 @@ each ΔW, computed from the factors (kernels.lowrank) by a worker and cached on
 the revision for the adapter page and for weight-based search features."""
 from __future__ import annotations
 
-from hub import formats
-from hub.blobs import blobs_on_disk
 from hub.models import Job, Revision
+from hub.selectors import load_revision_adapter
 from hub.services.jobs import JobReporter
 from kernels.lowrank import singular_values
 
 
 def analyze_revision_job(job: Job, reporter: JobReporter) -> dict:
     revision = Revision.objects.get(id=job.params["revision_id"])
-    files = {f.filename: f.blob_id for f in revision.files.all()}
     reporter.progress(0.0, "reading tensors")
-    with blobs_on_disk(files) as paths:
-        parsed = formats.parse_adapter(paths)
+    parsed = load_revision_adapter(revision)
     modules = {}
     for index, (module_path, module) in enumerate(sorted(parsed.modules.items())):
         spectrum = singular_values(module.B, module.A, module.scale)

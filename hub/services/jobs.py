@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 # Job kind → (Celery task name, queue).
 TASKS: dict[str, tuple[str, str]] = {
     Job.Kind.ANALYZE: ("workers.tasks.analyze_revision", "embed"),
+    Job.Kind.EMBED: ("workers.tasks.embed_adapter", "embed"),
+    Job.Kind.REEMBED_ALL: ("workers.tasks.reembed_all", "embed"),
+    Job.Kind.TRAIN_WEIGHT_ENCODER: ("workers.tasks.train_weight_encoder", "gpu"),
 }
 
 

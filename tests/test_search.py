@@ -1,0 +1,138 @@
+"""Search by task description: embeddings made by a real worker, pgvector HNSW
+queries with visibility and filters inside SQL, weight-based retrieval."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import upload_payload, wait_for_job
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def wait_for_all_jobs():
+    from hub.models import Job
+
+    for job in Job.objects.all():
+        finished = wait_for_job(job.id, timeout=180)
+        assert finished.state == Job.State.SUCCEEDED, (finished.kind, finished.error)
+
+
+@pytest.fixture
+def registry(celery_worker_process, demo_files):
+    """The demo registry, registered through the services and embedded by the worker."""
+    from hub.management.commands.seed_demo import seed_catalog
+
+    seed_catalog(demo_files, log=lambda message: None)
+    wait_for_all_jobs()
+    return demo_files
+
+
+def names(response) -> list[str]:
+    assert response.status_code == 200, response.content
+    return [hit["adapter"]["name"] for hit in response.json()["results"]]
+
+
+def test_a_fresh_upload_is_embedded_by_the_worker_without_any_request(celery_worker_process, demo_bases,
+                                                                      demo_adapter, make_user, client_for):
+    from hub.models import Adapter, Job
+    from hub.services.embeddings import TEXT_ENCODER_LABEL, UNTRAINED_WEIGHT_LABEL
+
+    response = client_for(make_user("alice")).post(
+        "/api/v1/adapters/", upload_payload(demo_adapter("ticket-summarizer")), format="multipart")
+    assert response.status_code == 201
+    adapter = Adapter.objects.get(name="ticket-summarizer")
+    job = Job.objects.get(kind=Job.Kind.EMBED, params__adapter_id=adapter.id)
+    assert wait_for_job(job.id).state == Job.State.SUCCEEDED  # polls the row, no HTTP request
+    adapter.refresh_from_db()
+    assert adapter.description_encoder == TEXT_ENCODER_LABEL and len(adapter.description_embedding) == 384
+    assert adapter.weight_encoder == UNTRAINED_WEIGHT_LABEL and len(adapter.weight_embedding) == 384
+    assert adapter.weight_embedded_revision == 1
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("summarise support tickets for the triage queue", "ticket-summarizer"),
+    ("write SQL queries from questions about a database", "sql-from-questions"),
+    ("make images look like pixel art", "pixel-art-diffusers"),
+    ("rewrite legal contracts in plain language", "contract-plain-language-rslora"),
+])
+def test_search_finds_the_adapter_for_a_described_task(registry, client, query, expected):
+    results = names(client.get("/api/v1/search", {"q": query, "k": 3}))
+    assert results[0] == expected, results
+
+
+def test_search_filters_apply_and_results_say_what_matched(registry, client):
+    response = client.get("/api/v1/search", {"q": "style for image generation", "base_model": "quiver-demo/tiny-clip-text"})
+    results = response.json()["results"]
+    assert {hit["adapter"]["base_model"] for hit in results} == {"quiver-demo/tiny-clip-text"}
+    assert all("description" in hit["matched"] and hit["score"] > 0 for hit in results)
+    assert names(client.get("/api/v1/search", {"q": "style", "format": "kohya"})) == ["watercolor-style-kohya"]
+    assert client.get("/api/v1/search", {"q": ""}).status_code == 400
+    assert client.get("/api/v1/search", {"q": "x", "k": 1000}).status_code == 400
+
+
+def test_private_adapters_never_appear_in_others_search_or_similar(registry, make_user, client_for):
+    from hub.models import Job
+
+    alice = make_user("alice")
+    owner = client_for(alice)
+    entry = next(e for e in registry["adapters"] if e["name"] == "ticket-summarizer")
+    owner.post("/api/v1/adapters/", upload_payload(entry, name="secret-ticket-digest", visibility="private",
+                                                   description="Secret digest of support tickets for triage."),
+               format="multipart")
+    wait_for_all_jobs()
+    query = {"q": "digest of support tickets for triage", "k": 20}
+
+    assert "secret-ticket-digest" in names(owner.get("/api/v1/search", query))
+    for outsider in (client_for(make_user("bob")), client_for(None)):
+        assert "secret-ticket-digest" not in names(outsider.get("/api/v1/search", query))
+        similar = outsider.get("/api/v1/adapters/quiver-demo/ticket-summarizer/similar", {"k": 20})
+        assert "secret-ticket-digest" not in names(similar)
+    assert "secret-ticket-digest" in names(owner.get("/api/v1/adapters/quiver-demo/ticket-summarizer/similar"))
+    assert Job.objects.filter(state=Job.State.FAILED).count() == 0
+
+
+def test_same_weights_uploaded_again_are_flagged_as_near_duplicate_and_most_similar(registry, make_user, client_for):
+    api = client_for(make_user("alice"))
+    entry = next(e for e in registry["adapters"] if e["name"] == "sql-from-questions")
+    api.post("/api/v1/adapters/", upload_payload(entry, name="my-sql", description="Text to SQL."), format="multipart")
+    wait_for_all_jobs()
+
+    detail = api.get("/api/v1/adapters/alice/my-sql/").json()
+    assert detail["near_duplicate_of"] == "quiver-demo/sql-from-questions"
+    assert detail["near_duplicate_similarity"] > 0.999
+    similar = api.get("/api/v1/adapters/alice/my-sql/similar").json()["results"]
+    assert similar[0]["adapter"]["id"] == "quiver-demo/sql-from-questions"
+    assert {hit["adapter"]["base_model"] for hit in similar} == {"quiver-demo/tiny-llama"}
+    original = api.get("/api/v1/adapters/quiver-demo/sql-from-questions/").json()
+    assert original["near_duplicate_of"] is None
+
+
+def test_training_the_weight_encoder_improves_recall_and_reembeds_everything(registry, client):
+    import torch
+
+    from hub.models import Adapter, Job
+    from hub.services.embeddings import training_set
+    from hub.services.jobs import enqueue_job
+    from generation.weight_encoder import recall_at_k
+
+    def weights_recall() -> float:
+        adapters = training_set()
+        texts = torch.tensor([list(a.description_embedding) for a in adapters])
+        weights = torch.tensor([list(a.weight_embedding) for a in adapters])
+        return recall_at_k(texts, weights, 1)
+
+    before = weights_recall()
+    job = enqueue_job(kind=Job.Kind.TRAIN_WEIGHT_ENCODER, owner=None, params={"training": {"epochs": 60}})
+    from django.db import transaction  # noqa: F401  (enqueue sends on commit; autocommit here)
+    trained = wait_for_job(job.id, timeout=300)
+    assert trained.state == Job.State.SUCCEEDED, trained.error
+    wait_for_job(trained.result["reembed_job"], timeout=300)
+
+    label = trained.result["encoder"]
+    assert Adapter.objects.exclude(weight_encoder=label).count() == 0
+    after = weights_recall()
+    assert trained.result["final"]["recall_at_1"] > trained.result["initial"]["recall_at_1"]
+    assert after > before and after >= 0.9
+    # With a trained encoder, text queries also rank adapters by their weights.
+    hits = client.get("/api/v1/search", {"q": "write SQL queries from questions", "k": 3}).json()["results"]
+    assert hits[0]["adapter"]["name"] == "sql-from-questions" and "weights" in hits[0]["matched"]
