@@ -60,3 +60,25 @@ def test_put_blob_on_s3_is_content_addressed_and_ranged_reads_stream(s3_storage,
     assert b"".join(iter_blob_range(sha256, len(payload) - 4, len(payload) - 1)) == b"tail"
     with blobs_on_disk({"payload.bin": sha256}) as paths:
         assert paths["payload.bin"].read_bytes() == payload
+
+
+@pytest.mark.django_db
+def test_adapter_upload_and_ranged_download_through_the_api_on_s3(s3_storage, demo_bases, demo_adapter, make_user,
+                                                                   client_for):
+    from pathlib import Path
+
+    from tests.conftest import upload_payload
+
+    entry = demo_adapter("ticket-summarizer")
+    api = client_for(make_user("alice"))
+    response = api.post("/api/v1/adapters/", upload_payload(entry), format="multipart")
+    assert response.status_code == 201, response.json()
+    weights = Path(entry["files"][1]).read_bytes()
+    listed = {f["filename"]: f for f in response.json()["files"]}["adapter_model.safetensors"]
+
+    assert _s3_object(s3_storage, listed["sha256"]) == weights  # the bytes live in the bucket
+    url = "/api/v1/adapters/alice/ticket-summarizer/files/adapter_model.safetensors"
+    whole = b"".join(api.get(url).streaming_content)
+    part = api.get(url, HTTP_RANGE="bytes=100-4195")
+    assert whole == weights
+    assert part.status_code == 206 and b"".join(part.streaming_content) == weights[100:4196]

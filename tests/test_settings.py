@@ -1,0 +1,28 @@
+"""Production settings come from the environment: no secret, no start."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _django_check(env: dict) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "DATABASE_URL", "REDIS_URL", "QUIVER_"))}
+    return subprocess.run([sys.executable, "-c", "import django; django.setup(); from django.conf import settings; "
+                           "print(settings.DEBUG, settings.ALLOWED_HOSTS, settings.STORAGES['blobs']['BACKEND'])"],
+                          cwd=ROOT, env={**clean, "DJANGO_SETTINGS_MODULE": "hub.settings", **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_real_servers_without_a_secret_key_refuse_to_start():
+    result = _django_check({"DATABASE_URL": "postgres://u:p@db.example:5432/q", "REDIS_URL": "redis://r:6379/0"})
+    assert result.returncode != 0 and "DJANGO_SECRET_KEY" in result.stderr
+
+
+def test_production_settings_from_the_environment():
+    result = _django_check({"DATABASE_URL": "postgres://u:p@db.example:5432/q", "REDIS_URL": "redis://r:6379/0",
+                            "DJANGO_SECRET_KEY": "s" * 50, "DJANGO_ALLOWED_HOSTS": "hub.example.com",
+                            "QUIVER_S3_BUCKET": "quiver", "QUIVER_S3_ENDPOINT_URL": "http://minio:9000"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "False ['hub.example.com'] storages.backends.s3.S3Storage"
