@@ -166,3 +166,41 @@ class SearchHitSerializer(serializers.Serializer):
 class SearchResponseSerializer(serializers.Serializer):
     query = serializers.CharField()
     results = SearchHitSerializer(many=True)
+
+
+class AdapterRefSerializer(serializers.Serializer):
+    id = serializers.CharField(help_text="namespace/name, optionally @revision (number or commit)")
+    weight = serializers.FloatField(default=1.0)
+
+
+class CompositionRequestSerializer(serializers.Serializer):
+    adapters = AdapterRefSerializer(many=True)
+    method = serializers.CharField()
+    params = serializers.DictField(required=False, default=dict,
+                                   help_text="rank, density, majority_sign, seed (as the method uses them)")
+    namespace = serializers.CharField(required=False)
+    name = serializers.CharField(required=False)
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+    visibility = serializers.ChoiceField(choices=Visibility.choices, default=Visibility.PUBLIC)
+
+
+class MergeRequestSerializer(serializers.Serializer):
+    base_model = serializers.CharField()
+    adapters = AdapterRefSerializer(many=True)
+    method = serializers.CharField(default="linear")
+    params = serializers.DictField(required=False, default=dict)
+    dtype = serializers.CharField(required=False, allow_null=True, default=None)
+
+
+class ComposeMethodSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    exact = serializers.BooleanField(help_text="true: the result equals Σ wᵢ·ΔWᵢ under the method's own rule, "
+                                               "no approximation")
+    dense = serializers.BooleanField()
+    description = serializers.CharField()
+
+
+class MergedCheckpointSerializer(serializers.Serializer):
+    merge_id = serializers.CharField()
+    base_model = serializers.CharField()
+    files = serializers.ListField(child=serializers.DictField())

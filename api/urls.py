@@ -14,6 +14,12 @@ urlpatterns = [
     path("base-models/", views.BaseModelListCreateView.as_view(), name="base-model-list"),
     re_path(rf"^base-models/{NAME}/$", views.BaseModelDetailView.as_view(), name="base-model-detail"),
     re_path(rf"^base-models/{NAME}/files/(?P<filename>[^/]+)$", views.BaseModelFileView.as_view(), name="base-model-file"),
+    path("compose-methods/", views.ComposeMethodListView.as_view(), name="compose-methods"),
+    path("compositions/", views.CompositionCreateView.as_view(), name="composition-create"),
+    path("merges/", views.MergeCreateView.as_view(), name="merge-create"),
+    re_path(r"^merges/(?P<merge_id>[0-9a-f]{64})/$", views.MergeDetailView.as_view(), name="merge-detail"),
+    re_path(r"^merges/(?P<merge_id>[0-9a-f]{64})/files/(?P<filename>[^/]+)$", views.MergeFileView.as_view(),
+            name="merge-file"),
     path("jobs/<uuid:job_id>/", views.JobDetailView.as_view(), name="job-detail"),
     path("health", views.HealthView.as_view(), name="health"),
 ]

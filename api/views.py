@@ -14,6 +14,8 @@ from api import serializers as s
 from api.downloads import blob_download_response
 from hub import search, selectors
 from hub.errors import InvalidInput
+from hub.services import compositions
+from kernels.compose import METHODS
 from hub.services import adapters as adapter_services
 from hub.services import base_models as base_model_services
 from hub.services.files import IncomingFile
@@ -122,11 +124,57 @@ class AdapterFileView(APIView):
     def get(self, request, namespace, name, filename):
         adapter = selectors.get_adapter(request.user, namespace, name)
         revision = selectors.get_revision(adapter, request.query_params.get("revision"))
-        stored = selectors.get_revision_file(revision, filename)
+        stored = selectors.get_stored_file(revision.files, filename, f"Revision {revision.number}")
         return blob_download_response(
             request, sha256=stored.sha256, size=stored.size, filename=filename,
             extra_headers={"X-Quiver-Revision": str(revision.number), "X-Quiver-Commit": revision.commit},
         )
+
+
+class ComposeMethodListView(APIView):
+    """Every composition method, and whether its result is exact or approximate."""
+
+    @extend_schema(responses=s.ComposeMethodSerializer(many=True))
+    def get(self, request):
+        return Response(s.ComposeMethodSerializer(METHODS.values(), many=True).data)
+
+
+class CompositionCreateView(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(request=s.CompositionRequestSerializer, responses={202: s.JobSerializer})
+    def post(self, request):
+        form = s.CompositionRequestSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        job = compositions.request_composition(user=request.user, **form.validated_data)
+        return Response(s.JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class MergeCreateView(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(request=s.MergeRequestSerializer, responses={202: s.JobSerializer, 200: s.JobSerializer})
+    def post(self, request):
+        form = s.MergeRequestSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        job = compositions.request_merge(user=request.user, **form.validated_data)
+        reused = job.state == job.State.SUCCEEDED
+        return Response(s.JobSerializer(job).data, status=status.HTTP_200_OK if reused else status.HTTP_202_ACCEPTED)
+
+
+class MergeDetailView(APIView):
+    @extend_schema(responses=s.MergedCheckpointSerializer)
+    def get(self, request, merge_id):
+        checkpoint = selectors.get_merged_checkpoint(request.user, merge_id)
+        return Response(compositions.merged_files_result(checkpoint))
+
+
+class MergeFileView(APIView):
+    @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
+    def get(self, request, merge_id, filename):
+        checkpoint = selectors.get_merged_checkpoint(request.user, merge_id)
+        stored = selectors.get_stored_file(checkpoint.files, filename, f"Merge {merge_id}")
+        return blob_download_response(request, sha256=stored.sha256, size=stored.size, filename=filename)
 
 
 class BaseModelListCreateView(generics.GenericAPIView):
@@ -161,7 +209,7 @@ class BaseModelFileView(APIView):
     @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
     def get(self, request, namespace, name, filename):
         base = selectors.get_base_model(f"{namespace}/{name}")
-        stored = selectors.get_base_model_file(base, filename)
+        stored = selectors.get_stored_file(base.files, filename, base.full_name)
         return blob_download_response(request, sha256=stored.sha256, size=stored.size, filename=filename)
 
 

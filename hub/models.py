@@ -194,12 +194,34 @@ class EncoderArtifact(models.Model):
         return f"{self.version}@{self.weights_id[:12]}"
 
 
+class MergedCheckpoint(models.Model):
+    """A base model with adapters merged in, stored once per distinct request
+    (`key` = sha256 over the base weights, adapter revisions, weights, method, dtype)."""
+
+    key = models.CharField(max_length=64, unique=True)
+    base_model = models.ForeignKey(BaseModel, on_delete=models.CASCADE, related_name="merges")
+    # [{"adapter": "ns/name", "revision": n, "commit": ..., "weight": w}], method, dtype: what went in.
+    recipe = models.JSONField()
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class MergedFile(StoredFile):
+    checkpoint = models.ForeignKey(MergedCheckpoint, on_delete=models.CASCADE, related_name="files")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["checkpoint", "filename"], name="unique_merged_file")]
+        ordering = ["filename"]
+
+
 class Job(models.Model):
     class Kind(models.TextChoices):
         ANALYZE = "analyze"
         EMBED = "embed"
         REEMBED_ALL = "reembed_all"
         TRAIN_WEIGHT_ENCODER = "train_weight_encoder"
+        COMPOSE = "compose"
+        MERGE = "merge"
 
     class State(models.TextChoices):
         QUEUED = "queued"

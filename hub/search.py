@@ -8,22 +8,23 @@ of each SQL query, so HNSW scans never return rows the user cannot see):
                 only once a trained weight encoder exists: the untrained encoder
                 is not aligned with text, it only serves "similar";
   keywords    — PostgreSQL full-text rank over name and description.
-Fusion is reciprocal-rank fusion (Cormack et al., 2009): score = Σ 1/(60 + rank),
+Fusion is reciprocal-rank fusion (hub.ranking.fuse): score = Σ 1/(60 + rank),
 which needs no calibration between cosine similarities and text ranks and lets an
 adapter with no description be found through its weights alone.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
+from functools import reduce
 
 from django.contrib.postgres.search import SearchQuery, SearchRank, SearchVector
 from pgvector.django import CosineDistance
 
 from hub.models import Adapter
+from hub.ranking import fuse
 from hub.selectors import adapter_list, visible_adapters
 from hub.services.embeddings import TEXT_ENCODER_LABEL, embed_query, trained_weight_label
-
-RRF_K = 60
 
 
 @dataclass
@@ -40,23 +41,16 @@ def _nearest(scope, column: str, vector, limit: int, **encoder_filter) -> list[t
 
 
 def _keyword_matches(scope, query: str, limit: int) -> list[tuple[int, float]]:
-    text = SearchQuery(query, config="english", search_type="websearch")
+    """Full-text matches of ANY query word (a task description is not a boolean query),
+    ranked by ts_rank so adapters matching more and rarer words come first."""
+    words = [word for word in query.split() if any(ch.isalnum() for ch in word)][:32]
+    if not words:
+        return []
+    text = reduce(operator.or_, (SearchQuery(word, config="english") for word in words))
     document = SearchVector("name", "description", config="english")
-    rows = (scope.annotate(text_rank=SearchRank(document, text)).filter(text_rank__gt=0)
+    rows = (scope.annotate(document=document, text_rank=SearchRank(document, text)).filter(document=text)
             .order_by("-text_rank").values_list("id", "text_rank")[:limit])
     return list(rows)
-
-
-def fuse(rankings: dict[str, list[tuple[int, float]]], k: int) -> list[tuple[int, float, dict[str, float]]]:
-    """Reciprocal-rank fusion of several best-first (id, score) lists."""
-    scores: dict[int, float] = {}
-    matched: dict[int, dict[str, float]] = {}
-    for name, ranking in rankings.items():
-        for rank, (adapter_id, value) in enumerate(ranking, start=1):
-            scores[adapter_id] = scores.get(adapter_id, 0.0) + 1.0 / (RRF_K + rank)
-            matched.setdefault(adapter_id, {})[name] = round(float(value), 4)
-    best = sorted(scores, key=lambda adapter_id: (-scores[adapter_id], adapter_id))[:k]
-    return [(adapter_id, scores[adapter_id], matched[adapter_id]) for adapter_id in best]
 
 
 def search_adapters(user, query: str, *, k: int = 10, base_model=None, format=None, tag=None, license=None,

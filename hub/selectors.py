@@ -8,7 +8,7 @@ from django.db.models import Q, QuerySet
 from hub import formats
 from hub.blobs import blobs_on_disk
 from hub.errors import NotFound
-from hub.models import Adapter, BaseModel, BaseModelFile, Job, Revision, RevisionFile, Visibility
+from hub.models import Adapter, BaseModel, Job, Revision, Visibility
 
 
 def visible_adapters(user) -> QuerySet[Adapter]:
@@ -77,10 +77,11 @@ def get_revision(adapter: Adapter, revision: str | None) -> Revision:
     return found
 
 
-def get_revision_file(revision: Revision, filename: str) -> RevisionFile:
-    found = revision.files.select_related("blob").filter(filename=filename).first()
+def get_stored_file(files, filename: str, owner_label: str):
+    """One file of a revision, base model or merge (`files`: its related manager)."""
+    found = files.select_related("blob").filter(filename=filename).first()
     if found is None:
-        raise NotFound("file_not_found", f"Revision {revision.number} has no file {filename!r}.")
+        raise NotFound("file_not_found", f"{owner_label} has no file {filename!r}.")
     return found
 
 
@@ -95,12 +96,6 @@ def get_base_model(full_name: str) -> BaseModel:
         raise NotFound("base_model_not_found", f"No base model {full_name!r} is registered.")
     return found
 
-
-def get_base_model_file(base_model: BaseModel, filename: str) -> BaseModelFile:
-    found = base_model.files.select_related("blob").filter(filename=filename).first()
-    if found is None:
-        raise NotFound("file_not_found", f"{base_model.full_name} has no file {filename!r}.")
-    return found
 
 
 def visible_jobs(user) -> QuerySet[Job]:
@@ -123,3 +118,14 @@ def load_revision_adapter(revision: Revision) -> formats.CanonicalAdapter:
     files = {f.filename: f.blob_id for f in revision.files.all()}
     with blobs_on_disk(files) as paths:
         return formats.parse_adapter(paths)
+
+
+def get_merged_checkpoint(user, key: str):
+    """A stored merge, visible to whoever may see every adapter that went into it."""
+    from hub.models import MergedCheckpoint
+
+    checkpoint = MergedCheckpoint.objects.select_related("base_model").filter(key=key).first()
+    adapter_ids = {ref["adapter_id"] for ref in checkpoint.recipe["adapters"]} if checkpoint else set()
+    if checkpoint is None or visible_adapters(user).filter(id__in=adapter_ids).count() != len(adapter_ids):
+        raise NotFound("merge_not_found", f"No merge {key}.")
+    return checkpoint

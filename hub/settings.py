@@ -102,6 +102,9 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 # Queues: embed (analysis, embeddings: CPU), gpu (training, generation, merging), default.
 # The queue of each task is chosen where it is sent (hub.services.jobs.TASKS).
 CELERY_TASK_ALWAYS_EAGER = False
+CELERY_BEAT_SCHEDULE = {
+    "sweep-orphan-blobs": {"task": "workers.tasks.sweep_orphan_blobs", "schedule": 3600.0},
+}
 
 # --- Storage: content-addressed blobs, local by default, S3 when configured ---
 BLOB_ROOT = Path(os.environ.get("QUIVER_BLOB_ROOT", VAR_DIR / "blobs"))
@@ -140,6 +143,8 @@ DATA_UPLOAD_MAX_NUMBER_FILES = 256
 QUIVER_MAX_ADAPTER_BYTES = int(os.environ.get("QUIVER_MAX_ADAPTER_BYTES", 4 * 2**30))
 QUIVER_MAX_UPLOAD_BYTES = int(os.environ.get("QUIVER_MAX_UPLOAD_BYTES", 200 * 2**30))
 QUIVER_MAX_HEADER_BYTES = int(os.environ.get("QUIVER_MAX_HEADER_BYTES", 100 * 2**20))
+# Unreferenced blobs younger than this are left alone (an upload may still be committing its rows).
+QUIVER_ORPHAN_GRACE_SECONDS = int(os.environ.get("QUIVER_ORPHAN_GRACE_SECONDS", 6 * 3600))
 # Weight-embedding cosine similarity at and above which an upload is flagged as a near-duplicate.
 QUIVER_NEAR_DUPLICATE_SIMILARITY = float(os.environ.get("QUIVER_NEAR_DUPLICATE_SIMILARITY", 0.995))
 # HNSW search breadth (pgvector hnsw.ef_search): recall against latency.

@@ -1,28 +1,32 @@
 """Celery tasks: take a job id, call the service that does the work, report through the Job row.
 acks_late + reject_on_worker_lost (settings) make a killed worker's task run again;
-hub.services.jobs.run_job makes that rerun safe."""
+hub.services.jobs.run_job makes that rerun safe. Queues are chosen by hub.services.jobs.TASKS."""
 from celery import shared_task
 
-from hub.services import embeddings
+from hub.services import cleanup, compositions, embeddings
 from hub.services.analysis import analyze_revision_job
 from hub.services.jobs import run_job
 
 
-@shared_task(name="workers.tasks.analyze_revision")
-def analyze_revision(job_id: str) -> str:
-    return run_job(job_id, analyze_revision_job).state
+def job_task(name: str, work):
+    """A Celery task named workers.tasks.<name> that runs `work` for a job id."""
+
+    def run(job_id: str) -> str:
+        return run_job(job_id, work).state
+
+    run.__name__ = run.__qualname__ = name
+    return shared_task(name=f"workers.tasks.{name}")(run)
 
 
-@shared_task(name="workers.tasks.embed_adapter")
-def embed_adapter(job_id: str) -> str:
-    return run_job(job_id, embeddings.embed_adapter_job).state
+analyze_revision = job_task("analyze_revision", analyze_revision_job)
+embed_adapter = job_task("embed_adapter", embeddings.embed_adapter_job)
+reembed_all = job_task("reembed_all", embeddings.reembed_all_job)
+train_weight_encoder = job_task("train_weight_encoder", embeddings.train_weight_encoder_job)
+compose = job_task("compose", compositions.compose_job)
+merge = job_task("merge", compositions.merge_job)
 
 
-@shared_task(name="workers.tasks.reembed_all")
-def reembed_all(job_id: str) -> str:
-    return run_job(job_id, embeddings.reembed_all_job).state
-
-
-@shared_task(name="workers.tasks.train_weight_encoder")
-def train_weight_encoder(job_id: str) -> str:
-    return run_job(job_id, embeddings.train_weight_encoder_job).state
+@shared_task(name="workers.tasks.sweep_orphan_blobs")
+def sweep_orphan_blobs() -> int:
+    """Periodic (beat): remove blobs no row references, after a grace period."""
+    return cleanup.sweep_orphan_blobs()

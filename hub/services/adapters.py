@@ -91,6 +91,7 @@ def upload_adapter(
     tags: list[str] | None = None,
     license: str | None = None,
     visibility: str | None = None,
+    provenance: dict | None = None,
 ) -> Revision:
     """Validate the files completely, store their blobs, then commit the rows.
 
@@ -116,20 +117,16 @@ def upload_adapter(
             field="base_model",
         )
     summary = formats.summarize_adapter(parsed)
+    _check_same_base(namespace, name, base)  # before any blob is stored; checked again under the row lock
 
     blobs = store_blobs(files)
     try:
         with transaction.atomic():
             adapter = Adapter.objects.select_for_update().filter(namespace=namespace, name=name).first()
             if adapter is None:
-                adapter = Adapter(owner=user, namespace=namespace, name=name, **metadata)
-            elif adapter.base_model_id != (base.id if base else None):
-                raise Conflict(
-                    "base_model_changed",
-                    f"{namespace}/{name} is an adapter for {adapter.base_model}; a new revision must use the same base model.",
-                    field="base_model",
-                )
+                adapter = Adapter(owner=user, namespace=namespace, name=name, provenance=provenance or {}, **metadata)
             else:
+                _check_same_base(namespace, name, base, adapter)
                 for key, value in metadata.items():
                     setattr(adapter, key, value)
             _apply_summary(adapter, summary, base)
@@ -148,6 +145,16 @@ def upload_adapter(
     except IntegrityError:
         raise Conflict("concurrent_upload", f"{namespace}/{name} was being created by another upload; try again.") from None
     return revision
+
+
+def _check_same_base(namespace: str, name: str, base: BaseModel | None, adapter: Adapter | None = None) -> None:
+    adapter = adapter or Adapter.objects.filter(namespace=namespace, name=name).first()
+    if adapter is not None and adapter.base_model_id != (base.id if base else None):
+        raise Conflict(
+            "base_model_changed",
+            f"{namespace}/{name} is an adapter for {adapter.base_model}; a new revision must use the same base model.",
+            field="base_model",
+        )
 
 
 def _apply_summary(adapter: Adapter, summary: dict, base: BaseModel | None) -> None:

@@ -30,12 +30,13 @@ class IncomingFile:
     disposable: bool = False
 
     @classmethod
-    def from_path(cls, path: Path, name: str | None = None) -> "IncomingFile":
+    def from_path(cls, path: Path, name: str | None = None, *, disposable: bool = False) -> "IncomingFile":
         hasher = hashlib.sha256()
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(2**20), b""):
                 hasher.update(chunk)
-        return cls(name=name or path.name, path=path, size=path.stat().st_size, sha256=hasher.hexdigest())
+        return cls(name=name or path.name, path=path, size=path.stat().st_size, sha256=hasher.hexdigest(),
+                   disposable=disposable)
 
     @classmethod
     def from_upload(cls, upload) -> "IncomingFile":

@@ -24,6 +24,8 @@ TASKS: dict[str, tuple[str, str]] = {
     Job.Kind.EMBED: ("workers.tasks.embed_adapter", "embed"),
     Job.Kind.REEMBED_ALL: ("workers.tasks.reembed_all", "embed"),
     Job.Kind.TRAIN_WEIGHT_ENCODER: ("workers.tasks.train_weight_encoder", "gpu"),
+    Job.Kind.COMPOSE: ("workers.tasks.compose", "gpu"),
+    Job.Kind.MERGE: ("workers.tasks.merge", "gpu"),
 }
 
 

@@ -1,0 +1,387 @@
+"""Search at registry scale: REST latency of /api/v1/search and HNSW recall@10.
+
+Fills its own database (quiver_bench_search; the developer's registry is untouched) with
+N adapters whose description and weight vectors cluster around ~2 000 embedded synthetic task
+descriptions, then measures in the same run:
+  REST   GET /api/v1/search?q=&k=10 through gunicorn (2 workers × 1 thread), anonymous, one
+         request at a time, queries held out from the stored descriptions: p50/p95, query
+         embedding in the web process included;
+  recall HNSW top-10 with the app's session settings against an exact scan (index scans off),
+         both limited to public adapters as for an anonymous user; the exact scan's p95 is the
+         baseline it replaces.
+Prints JSON lines, first the headline:
+{"bench": "search", "n", "p50_ms", "p95_ms", "recall_at_10", "exact_p95_ms"}
+then details, an ef_search sweep and a per-stage breakdown. Goals: p95 ≤ 25 ms, recall@10 ≥ 0.98.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import psycopg
+import requests
+
+from _server import django_setup, gunicorn
+
+BENCH_DB = "quiver_bench_search"
+DATA_VERSION = 1  # bump when the generator changes: the marker then no longer matches and the table is refilled
+TASK_COUNT = 2000
+WARMUP, QUERIES, RECALL_QUERIES, BREAKDOWN_QUERIES = 20, 300, 200, 100
+EF_SWEEP = (40, 100, 200, 400)
+DESCRIPTION_HNSW = "adapter_description_hnsw"
+
+DOMAINS = ["legal", "medical", "financial", "e-commerce", "customer support", "scientific", "news", "insurance",
+           "gaming", "education", "real estate", "travel", "cybersecurity", "agriculture", "automotive", "retail",
+           "HR", "biotech", "energy", "logistics"]
+DOCUMENTS = ["contracts", "emails", "reports", "support tickets", "research papers", "chat logs", "invoices",
+             "product pages", "meeting notes", "forum posts", "patents", "call transcripts"]
+TONES = ["formal", "casual", "playful", "concise", "persuasive", "empathetic", "technical"]
+STYLES = ["watercolor", "pixel-art", "photorealistic", "anime", "oil-painting", "low-poly"]
+ISSUES = ["fraud", "toxicity", "personal data", "spam", "compliance violations", "hallucinations"]
+TEMPLATES = [
+    "Summarize {domain} {doc} about how to {bs}",
+    "Classify the sentiment of {domain} {doc} that mention a {noun}",
+    "Translate {domain} {doc} from {lang} to {lang2}",
+    "Extract {noun} and {noun2} entities from {domain} {doc}",
+    "Answer questions about {domain} {doc} for a {job}",
+    "Write {tone} marketing copy for a company that wants to {bs}",
+    "Generate {color} {style} images of a {noun} in a {noun2} setting",
+    "Chat as a {job} who explains {domain} topics in a {tone} way",
+    "Turn natural-language questions about {noun} into SQL over {domain} data",
+    "Detect {issue} in {domain} {doc}",
+    "Rewrite {domain} {doc} in a {tone} tone for a {job}",
+    "Write Python code that helps a {job} {bs}",
+]
+QUERY_PHRASES = ["{}", "I need an adapter to {}", "looking for a LoRA that can {}", "a model that can {}"]
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def task_texts(seed: int, count: int, exclude: frozenset[str] = frozenset()) -> list[str]:
+    """Distinct task descriptions: templates filled with seeded Faker words."""
+    from faker import Faker
+
+    fake, rng = Faker("en_US"), random.Random(seed)
+    fake.seed_instance(seed)
+    texts: list[str] = []
+    seen = set(exclude)
+    while len(texts) < count:
+        text = rng.choice(TEMPLATES).format(
+            domain=rng.choice(DOMAINS), doc=rng.choice(DOCUMENTS), tone=rng.choice(TONES),
+            style=rng.choice(STYLES), issue=rng.choice(ISSUES), bs=fake.bs(), job=fake.job().lower(),
+            noun=fake.word(part_of_speech="noun"), noun2=fake.word(part_of_speech="noun"),
+            lang=fake.language_name(), lang2=fake.language_name(), color=fake.color_name().lower())
+        if text not in seen:
+            seen.add(text)
+            texts.append(text)
+    return texts
+
+
+def query_texts(seed: int, count: int, tasks: list[str]) -> list[str]:
+    """Held-out queries: new tasks from the same templates (never one of the stored ones), phrased as a search."""
+    rng = random.Random(seed)
+    return [rng.choice(QUERY_PHRASES).format(text[0].lower() + text[1:])
+            for text in task_texts(seed, count, exclude=frozenset(tasks))]
+
+
+def mix(rng: np.random.Generator, centers: np.ndarray, primary: np.ndarray, weight: np.ndarray,
+        secondary: np.ndarray, noise: float) -> np.ndarray:
+    """Convex mix of two centers per row plus Gaussian noise, L2-normalised."""
+    vectors = weight[:, None] * centers[primary] + (1 - weight)[:, None] * centers[secondary]
+    vectors += noise * rng.standard_normal(vectors.shape, dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def adapter_rows(n: int, seed: int, tasks: list[str], centers: np.ndarray, owner_id: int):
+    """COPY rows for hub_adapter: half the descriptions cover one task, half blend two."""
+    from django.utils import timezone
+
+    from hub.services.embeddings import TEXT_ENCODER_LABEL, UNTRAINED_WEIGHT_LABEL
+
+    rng = np.random.default_rng(seed)
+    primary = rng.integers(len(tasks), size=n)
+    secondary = rng.integers(len(tasks), size=n)
+    single = rng.random(n) < 0.5
+    description_weight = np.where(single, 1.0, rng.uniform(0.5, 0.9, n)).astype(np.float32)
+    descriptions = mix(rng, centers, primary, description_weight, secondary, noise=0.015)
+    # Weights relate to the task less tightly than the text: another partner task, more noise.
+    weights = mix(rng, centers, primary, rng.uniform(0.3, 0.8, n).astype(np.float32),
+                  rng.integers(len(tasks), size=n), noise=0.03)
+    private = rng.random(n) < 0.1
+    parameter_count = rng.integers(100_000, 50_000_000, size=n)
+    now = timezone.now()
+    for i in range(n):
+        text = tasks[primary[i]] if single[i] else f"{tasks[primary[i]]}. Also: {tasks[secondary[i]].lower()}"
+        yield (owner_id, f"team-{i % 500}", f"adapter-{i}", text, [], "", "private" if private[i] else "public",
+               "peft", "LORA", 8, 16.0, False, False, [], {}, "float32", int(parameter_count[i]), {},
+               descriptions[i], TEXT_ENCODER_LABEL, weights[i], UNTRAINED_WEIGHT_LABEL, now, now)
+
+
+COPY_COLUMNS = [
+    ("owner_id", "int4"), ("namespace", "varchar"), ("name", "varchar"), ("description", "text"),
+    ("tags", "varchar[]"), ("license", "varchar"), ("visibility", "varchar"), ("format", "varchar"),
+    ("peft_type", "varchar"), ("rank", "int4"), ("alpha", "float8"), ("use_rslora", "bool"), ("use_dora", "bool"),
+    ("target_modules", "varchar[]"), ("module_shapes", "jsonb"), ("dtype", "varchar"), ("parameter_count", "int8"),
+    ("provenance", "jsonb"), ("description_embedding", "vector"), ("description_encoder", "varchar"),
+    ("weight_embedding", "vector"), ("weight_encoder", "varchar"), ("created_at", "timestamptz"),
+    ("updated_at", "timestamptz"),
+]
+
+
+def hnsw_indexes():
+    from pgvector.django import HnswIndex
+
+    from hub.models import Adapter
+
+    return [index for index in Adapter._meta.indexes if isinstance(index, HnswIndex)]
+
+
+def fill(url: str, n: int, seed: int) -> dict:
+    """Replace the adapters with N synthetic ones: drop HNSW, COPY, rebuild HNSW (a bulk build
+    is far faster than N incremental inserts). Returns timings."""
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+    from pgvector.psycopg import register_vector
+
+    from generation.text_encoder import embed_texts
+    from hub.models import Adapter
+
+    start = time.perf_counter()
+    tasks = task_texts(seed, TASK_COUNT)
+    centers = embed_texts(tasks).numpy()
+    embed_s = time.perf_counter() - start
+    owner, _ = get_user_model().objects.get_or_create(username="bench")
+    with connection.schema_editor() as editor:
+        for index in hnsw_indexes():
+            editor.remove_index(Adapter, index)
+    start = time.perf_counter()
+    with psycopg.connect(url) as conn:
+        register_vector(conn)
+        conn.execute("TRUNCATE hub_adapter CASCADE")
+        columns = ", ".join(name for name, _ in COPY_COLUMNS)
+        with conn.cursor().copy(f"COPY hub_adapter ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types([kind for _, kind in COPY_COLUMNS])
+            for row in adapter_rows(n, seed, tasks, centers, owner.id):
+                copy.write_row(row)
+    copy_s = time.perf_counter() - start
+    build_s = {}
+    with connection.cursor() as cursor:
+        cursor.execute("SET maintenance_work_mem = '1GB'")  # the whole graph in memory: no slow spill phase
+    for index in hnsw_indexes():
+        start = time.perf_counter()
+        with connection.schema_editor() as editor:
+            editor.add_index(Adapter, index)
+        build_s[index.name] = round(time.perf_counter() - start, 1)
+    with connection.cursor() as cursor:
+        cursor.execute("RESET maintenance_work_mem")
+        cursor.execute("ANALYZE hub_adapter")
+    return {"task_embed_s": round(embed_s, 1), "copy_s": round(copy_s, 1), "index_build_s": build_s}
+
+
+def marker(n: int, seed: int) -> dict:
+    return {"n": n, "seed": seed, "version": DATA_VERSION}
+
+
+def stored_marker() -> dict | None:
+    """The marker kept as the table's comment: it lives and dies with the data it describes."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT obj_description('hub_adapter'::regclass, 'pg_class')")
+        comment = cursor.fetchone()[0]
+        cursor.execute("SELECT count(*) FROM hub_adapter")
+        rows = cursor.fetchone()[0]
+        cursor.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'hub_adapter' AND indexname = ANY(%s)",
+                       [[index.name for index in hnsw_indexes()]])
+        indexes = cursor.fetchone()[0]
+    if not comment or indexes != len(hnsw_indexes()):
+        return None
+    stored = json.loads(comment)
+    return stored if stored.get("n") == rows else None
+
+
+def ensure_data(url: str, n: int, seed: int) -> dict:
+    from django.db import connection
+
+    stored = stored_marker()
+    if stored and {key: stored.get(key) for key in ("n", "seed", "version")} == marker(n, seed):
+        return {**stored, "reused": True}
+    timings = fill(url, n, seed)
+    record = {**marker(n, seed), **timings}
+    with connection.cursor() as cursor:
+        cursor.execute("COMMENT ON TABLE hub_adapter IS %s", [json.dumps(record)])
+    return {**record, "reused": False}
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+def ms(samples: list[float], q: float) -> float:
+    return round(float(np.percentile(samples, q)) * 1000, 2)
+
+
+def rest_latencies(url: str, warmup: list[str], queries: list[str]) -> list[float]:
+    """Seconds per anonymous GET /api/v1/search, one at a time (warm-up loads the encoder in each worker)."""
+    def get(session: requests.Session, query: str) -> float:
+        start = time.perf_counter()
+        response = session.get(url + "/api/v1/search", params={"q": query, "k": 10}, timeout=120)
+        elapsed = time.perf_counter() - start
+        response.raise_for_status()
+        if not response.json()["results"]:
+            raise RuntimeError(f"no results for {query!r}")
+        return elapsed
+
+    with requests.Session() as session:
+        for query in warmup:
+            get(session, query)
+        return [get(session, query) for query in queries]
+
+
+def nearest_ids(vector: list[float], *, exact: bool, limit: int = 10) -> tuple[list[int], float, bool]:
+    """The app's description ranking for an anonymous user (hub.search._nearest, same scope and
+    session settings); exact=True forbids index scans. Also says whether PostgreSQL scanned the
+    HNSW index: the planner may prefer a sequential scan, and recall must not hide that."""
+    from django.db import connection, transaction
+
+    from hub.search import _nearest
+    from hub.selectors import adapter_list
+    from hub.services.embeddings import TEXT_ENCODER_LABEL
+
+    scope = adapter_list(None).order_by()
+    with transaction.atomic(), connection.cursor() as cursor:
+        if exact:
+            cursor.execute("SET LOCAL enable_indexscan = off")
+        start = time.perf_counter()
+        rows = _nearest(scope, "description_embedding", vector, limit, description_encoder=TEXT_ENCODER_LABEL)
+        seconds = time.perf_counter() - start
+        cursor.execute("SELECT pg_stat_get_xact_numscans(%s::regclass)", [DESCRIPTION_HNSW])
+        used_hnsw = cursor.fetchone()[0] > 0
+    if exact and used_hnsw:
+        raise RuntimeError("the exact scan used the HNSW index")
+    return [adapter_id for adapter_id, _ in rows], seconds, used_hnsw
+
+
+def set_ef_search(value: int) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET hnsw.ef_search = %s", [value])
+
+
+def recall_sweep(vectors: list[list[float]], default_ef: int) -> tuple[dict, dict[int, dict]]:
+    """Exact top-10 once, then HNSW top-10 at each ef_search: recall@10 and SQL-level latency."""
+    exact = [nearest_ids(vector, exact=True) for vector in vectors]
+    exact_stats = {"exact_p50_ms": ms([s for _, s, _ in exact], 50), "exact_p95_ms": ms([s for _, s, _ in exact], 95)}
+    sweep = {}
+    for ef in sorted({*EF_SWEEP, default_ef}):
+        set_ef_search(ef)
+        hnsw = [nearest_ids(vector, exact=False) for vector in vectors]
+        recall = np.mean([len(set(found) & set(truth)) / len(truth) for (found, _, _), (truth, _, _) in zip(hnsw, exact)])
+        sweep[ef] = {"recall_at_10": round(float(recall), 4), "hnsw_p50_ms": ms([s for _, s, _ in hnsw], 50),
+                     "hnsw_p95_ms": ms([s for _, s, _ in hnsw], 95),
+                     "hnsw_plan_share": round(float(np.mean([used for _, _, used in hnsw])), 3)}
+    set_ef_search(default_ef)
+    return exact_stats, sweep
+
+
+def stage_timings(queries: list[str]) -> dict:
+    """Where a search request's time goes: its stages (the app's own functions, 40 candidates each
+    as search_adapters asks) timed one by one in this process."""
+    from hub.search import _keyword_matches, _nearest
+    from hub.selectors import adapter_list
+    from hub.services.embeddings import TEXT_ENCODER_LABEL, embed_query
+
+    scope = adapter_list(None).order_by()
+    stages: dict[str, list[float]] = {"embed": [], "description_hnsw_40": [], "keywords_40": []}
+
+    def timed(stage: str, call):
+        start = time.perf_counter()
+        result = call()
+        stages[stage].append(time.perf_counter() - start)
+        return result
+
+    for query in queries:
+        vector = timed("embed", lambda: embed_query(query))
+        timed("description_hnsw_40", lambda: _nearest(scope, "description_embedding", vector, 40,
+                                                      description_encoder=TEXT_ENCODER_LABEL))
+        timed("keywords_40", lambda: _keyword_matches(scope, query, 40))
+    return {f"{stage}_{label}_ms": ms(samples, q) for stage, samples in stages.items()
+            for label, q in (("p50", 50), ("p95", 95))}
+
+
+# --- main -----------------------------------------------------------------------------------
+
+def bench_database_url() -> str:
+    """The server of DATABASE_URL (else the embedded one) with this benchmark's own database."""
+    base = os.environ.get("DATABASE_URL")
+    if not base:
+        from hub import embedded
+
+        base = embedded.ensure_postgres()
+    with psycopg.connect(base, autocommit=True) as conn:  # CREATE DATABASE cannot run in a transaction
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BENCH_DB,)).fetchone():
+            conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
+    return urlunsplit(urlsplit(base)._replace(path="/" + BENCH_DB))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    started = time.perf_counter()
+
+    os.environ.setdefault("QUIVER_REDIS_DB", "3")  # read when hub.embedded is imported
+    url = bench_database_url()
+    os.environ["DATABASE_URL"] = url  # assigned, not defaulted: never the developer's database
+    # Settings demand a key once DATABASE_URL is set; sessions don't matter here.
+    django_setup(DJANGO_SECRET_KEY=secrets.token_urlsafe(50))
+    from django.conf import settings
+
+    from generation.text_encoder import embed_texts
+    from hub.services.embeddings import trained_weight_label
+
+    data = ensure_data(url, args.n, args.seed)
+    tasks = task_texts(args.seed, TASK_COUNT)
+    queries = query_texts(args.seed + 1, WARMUP + QUERIES, tasks)
+    warmup, measured = queries[:WARMUP], queries[WARMUP:]
+    vectors = [vector.tolist() for vector in embed_texts(measured[:RECALL_QUERIES])]
+
+    load_before = os.getloadavg()[0]  # other work on the machine skews every latency here
+    with gunicorn(workers=2, threads=1) as base_url:
+        latencies = rest_latencies(base_url, warmup, measured)
+    default_ef = int(settings.QUIVER_HNSW_EF_SEARCH)
+    exact_stats, sweep = recall_sweep(vectors, default_ef)
+    stages = stage_timings(measured[:BREAKDOWN_QUERIES])
+
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM hub_adapter WHERE visibility = 'public'")
+        public = cursor.fetchone()[0]
+        cursor.execute("SHOW shared_buffers")
+        shared_buffers = cursor.fetchone()[0]
+
+    print(json.dumps({"bench": "search", "n": args.n, "p50_ms": ms(latencies, 50), "p95_ms": ms(latencies, 95),
+                      "recall_at_10": sweep[default_ef]["recall_at_10"], "exact_p95_ms": exact_stats["exact_p95_ms"]}))
+    print(json.dumps({
+        "bench": "search_detail", "ef_search": default_ef, "hnsw_sql_p50_ms": sweep[default_ef]["hnsw_p50_ms"],
+        "hnsw_sql_p95_ms": sweep[default_ef]["hnsw_p95_ms"], **exact_stats,
+        "index_build_s": data["index_build_s"], "index_build_reused": data["reused"],
+        "copy_s": data["copy_s"], "task_embed_s": data["task_embed_s"], "public_rows": public,
+        "tasks": TASK_COUNT, "rest_queries": len(measured), "recall_queries": len(vectors),
+        "weights_ranking": trained_weight_label() is not None, "gunicorn": "2 workers x 1 thread",
+        "cores": os.cpu_count(), "loadavg_1m_before_rest": round(load_before, 2), "shared_buffers": shared_buffers}))
+    for ef, stats in sweep.items():
+        print(json.dumps({"bench": "search_ef_search", "ef_search": ef, **stats}))
+    print(json.dumps({"bench": "search_stages", "queries": BREAKDOWN_QUERIES, **stages}))
+    print(json.dumps({"bench": "search_runtime", "seconds": round(time.perf_counter() - started, 1)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Compose adapters into one adapter, or merge them into their base model.
+
+Requests are validated here (visibility, one base model, method, parameters);
+the tensor work runs in a worker (queue `gpu`) through kernels.compose and
+kernels.streaming_merge. A merge is stored once per distinct request: the key
+is a sha256 over the base weights, the exact adapter revisions, the weights,
+the method and the dtype, so an identical request reuses the stored result.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.db import transaction
+from django.urls import reverse
+
+from hub import formats
+from hub.blobs import blobs_on_disk
+from hub.errors import Conflict, InvalidInput, NotFound
+from hub.models import Adapter, BaseModel, Job, MergedCheckpoint, MergedFile, Revision, Visibility
+from hub.selectors import get_adapter, get_base_model, get_revision, load_revision_adapter
+from hub.services.adapters import check_namespace_owner, check_slug, upload_adapter
+from hub.services.files import IncomingFile, store_blobs
+from hub.services.jobs import JobReporter, enqueue_job
+from kernels.compose import METHODS, compose_adapters
+
+MAX_ADAPTERS = 16
+MERGE_DTYPES = ("float16", "bfloat16", "float32")
+# Checks of the parameters a method may take (which ones it takes: METHODS[method].params).
+PARAM_CHECKS = {
+    "rank": (lambda v: isinstance(v, int) and 1 <= v <= 4096, "an integer from 1 to 4096"),
+    "density": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a number in (0, 1]"),
+    "majority_sign": (lambda v: v in ("total", "frequency"), "'total' or 'frequency'"),
+    "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**63, "a non-negative integer"),
+    "iso_scale": (lambda v: isinstance(v, (int, float)) and 0 < v <= 100, "a number in (0, 100]"),
+}
+
+
+@dataclass
+class AdapterInput:
+    adapter: Adapter
+    revision: Revision
+    weight: float
+
+    def as_json(self) -> dict:
+        return {"adapter_id": self.adapter.id, "adapter": self.adapter.full_name, "revision_id": self.revision.id,
+                "revision": self.revision.number, "commit": self.revision.commit, "weight": self.weight}
+
+
+def resolve_adapter_inputs(user, refs: list[dict]) -> list[AdapterInput]:
+    """[{id: "ns/name" or "ns/name@revision", weight}] → visible adapters on one base model."""
+    if not refs:
+        raise InvalidInput("no_adapters", "Give at least one adapter.", field="adapters")
+    if len(refs) > MAX_ADAPTERS:
+        raise InvalidInput("too_many_adapters", f"At most {MAX_ADAPTERS} adapters at a time.", field="adapters")
+    inputs = []
+    for ref in refs:
+        full_name, _, revision = str(ref.get("id", "")).partition("@")
+        namespace, _, name = full_name.partition("/")
+        weight = ref.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+            raise InvalidInput("bad_weight", f"The weight of {full_name!r} must be a finite number.", field="adapters")
+        try:
+            adapter = get_adapter(user, namespace, name)
+            inputs.append(AdapterInput(adapter, get_revision(adapter, revision or None), float(weight)))
+        except NotFound as error:  # a bad reference in the body is a 400, not a missing URL
+            raise InvalidInput(error.code, error.message, field="adapters") from None
+    bases = {item.adapter.base_model_id for item in inputs}
+    if len(bases) > 1 or None in bases:
+        names = sorted({str(item.adapter.base_model) for item in inputs})
+        raise InvalidInput("different_base_models",
+                           f"Adapters must share one registered base model; these are for {', '.join(names)}.",
+                           field="adapters")
+    return inputs
+
+
+def check_method(method: str, params: dict) -> dict:
+    if method not in METHODS:
+        raise InvalidInput("unknown_method", f"Unknown method {method!r}; choose one of {sorted(METHODS)}.", field="method")
+    allowed = METHODS[method].params
+    for key, value in params.items():
+        if key not in allowed:
+            raise InvalidInput("bad_param", f"{method} takes no parameter {key!r} (it takes: {', '.join(allowed) or 'none'}).",
+                               field="params")
+        check, expected = PARAM_CHECKS.get(key, (lambda v: True, ""))
+        if not check(value):
+            raise InvalidInput("bad_param", f"{key} must be {expected}, not {value!r}.", field="params")
+    return params
+
+
+# --- compose ------------------------------------------------------------------------------------
+
+def request_composition(*, user, adapters: list[dict], method: str, params: dict | None = None,
+                        namespace: str | None = None, name: str | None = None, description: str = "",
+                        visibility: str = Visibility.PUBLIC) -> Job:
+    inputs = resolve_adapter_inputs(user, adapters)
+    params = check_method(method, params or {})
+    namespace = namespace or user.username
+    digest = hashlib.sha256(json.dumps([[i.as_json() for i in inputs], method, params], sort_keys=True).encode())
+    name = name or f"composed-{method.replace('_', '-')}-{digest.hexdigest()[:8]}"
+    check_slug(namespace, "namespace")
+    check_slug(name, "name")
+    check_namespace_owner(user, namespace)
+    if visibility not in Visibility.values:
+        raise InvalidInput("bad_visibility", f"visibility must be one of {Visibility.values}.", field="visibility")
+    if Adapter.objects.filter(namespace=namespace, name=name).exists():
+        raise Conflict("adapter_exists", f"{namespace}/{name} already exists; pick another name.", field="name")
+    return enqueue_job(kind=Job.Kind.COMPOSE, owner=user, params={
+        "adapters": [i.as_json() for i in inputs], "method": method, "params": params, "namespace": namespace,
+        "name": name, "description": description, "visibility": visibility})
+
+
+def _job_inputs(job: Job) -> list[AdapterInput]:
+    return [AdapterInput(Adapter.objects.get(id=ref["adapter_id"]), Revision.objects.get(id=ref["revision_id"]),
+                         ref["weight"]) for ref in job.params["adapters"]]
+
+
+@contextmanager
+def base_weight_reader(base: BaseModel):
+    """module path → base weight tensor, read lazily one tensor at a time (DoRA needs W)."""
+    from safetensors import safe_open
+
+    files = {f.filename: f.blob_id for f in base.files.all() if f.filename.endswith(".safetensors")}
+    with blobs_on_disk(files) as paths:
+        where = {}
+        for path in paths.values():
+            with safe_open(str(path), framework="pt") as handle:
+                where.update({key: path for key in handle.keys()})
+
+        def read(module_path: str):
+            with safe_open(str(where[module_path + ".weight"]), framework="pt") as handle:
+                return handle.get_tensor(module_path + ".weight")
+
+        yield read
+
+
+def compose_job(job: Job, reporter: JobReporter) -> dict:
+    spec = job.params
+    existing = Adapter.objects.filter(namespace=spec["namespace"], name=spec["name"]).first()
+    if existing is not None and existing.provenance.get("job") == str(job.id):
+        return {"namespace": existing.namespace, "name": existing.name}  # a retried job that already finished
+    inputs = _job_inputs(job)
+    base = inputs[0].adapter.base_model
+    reporter.progress(0.05, "reading adapters")
+    canonical = [load_revision_adapter(item.revision) for item in inputs]
+    with base_weight_reader(base) as base_weights:
+        composed, report = compose_adapters(
+            canonical, [item.weight for item in inputs], spec["method"], base_weights=base_weights,
+            progress=lambda fraction, message: reporter.progress(0.1 + 0.8 * fraction, message), **spec["params"])
+    provenance = {"kind": "composition", "job": str(job.id), "method": spec["method"], "params": spec["params"],
+                  "exact": bool(report.get("exact", METHODS[spec["method"]].exact)), "parents": [
+                      {k: ref[k] for k in ("adapter", "revision", "commit", "weight")} for ref in spec["adapters"]],
+                  "report": report}
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = formats.write_peft_adapter(composed, Path(scratch), base_model_name_or_path=base.full_name)
+        revision = upload_adapter(
+            user=job.owner, namespace=spec["namespace"], name=spec["name"], base_model=base.full_name,
+            description=spec["description"] or _composed_description(spec), visibility=spec["visibility"],
+            tags=["composed", spec["method"].replace("_", "-")], provenance=provenance,
+            files=[IncomingFile.from_path(path, disposable=True) for path in paths])
+    return {"namespace": revision.adapter.namespace, "name": revision.adapter.name, "revision": revision.number,
+            "exact": provenance["exact"], "report": report}
+
+
+def _composed_description(spec: dict) -> str:
+    parents = ", ".join(f"{ref['adapter']} (×{ref['weight']:g})" for ref in spec["adapters"])
+    return f"Composed with {spec['method']} from {parents}."
+
+
+# --- merge --------------------------------------------------------------------------------------
+
+def merge_key(base: BaseModel, inputs: list[AdapterInput], method: str, params: dict, dtype: str | None) -> str:
+    recipe = {"base": base.weight_fingerprint, "method": method, "params": params, "dtype": dtype,
+              "adapters": [[i.revision.commit, i.adapter.id, i.weight] for i in inputs]}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def merged_files_result(checkpoint: MergedCheckpoint) -> dict:
+    return {"merge_id": checkpoint.key, "base_model": checkpoint.base_model.full_name, "files": [
+        {"filename": f.filename, "size": f.size, "sha256": f.sha256,
+         "url": reverse("merge-file", args=[checkpoint.key, f.filename])}
+        for f in checkpoint.files.select_related("blob")]}
+
+
+def request_merge(*, user, base_model: str, adapters: list[dict], method: str = "linear", params: dict | None = None,
+                  dtype: str | None = None) -> Job:
+    try:
+        base = get_base_model(base_model)
+    except NotFound as error:
+        raise InvalidInput("unknown_base_model", error.message, field="base_model") from None
+    inputs = resolve_adapter_inputs(user, adapters)
+    if inputs[0].adapter.base_model_id != base.id:
+        raise InvalidInput("different_base_models",
+                           f"The adapters are for {inputs[0].adapter.base_model}, not {base.full_name}.", field="adapters")
+    params = check_method(method, params or {})
+    if dtype is not None and dtype not in MERGE_DTYPES:
+        raise InvalidInput("bad_dtype", f"dtype must be one of {MERGE_DTYPES} (or omitted: the base's).", field="dtype")
+    key = merge_key(base, inputs, method, params, dtype)
+    spec = {"key": key, "base_model_id": base.id, "adapters": [i.as_json() for i in inputs], "method": method,
+            "params": params, "dtype": dtype}
+    stored = MergedCheckpoint.objects.filter(key=key).first()
+    if stored is not None:  # identical request: answer with the stored checkpoint, no work queued
+        return Job.objects.create(kind=Job.Kind.MERGE, owner=user, params=spec, state=Job.State.SUCCEEDED,
+                                  progress=1.0, message="reused a stored merge", result=merged_files_result(stored))
+    return enqueue_job(kind=Job.Kind.MERGE, owner=user, params=spec)
+
+
+def merge_job(job: Job, reporter: JobReporter) -> dict:
+    from kernels.streaming_merge import merge_checkpoint
+
+    spec = job.params
+    stored = MergedCheckpoint.objects.filter(key=spec["key"]).first()
+    if stored is not None:
+        return merged_files_result(stored)
+    base = BaseModel.objects.get(id=spec["base_model_id"])
+    inputs = _job_inputs(job)
+    reporter.progress(0.02, "reading adapters")
+    canonical = [load_revision_adapter(item.revision) for item in inputs]
+    weights = [item.weight for item in inputs]
+    if spec["method"] in ("linear", "cat", "task_arithmetic"):
+        # Exact: every ΔW goes into the base with its weight, no composition step needed.
+        to_merge = list(zip(canonical, weights))
+    else:
+        with base_weight_reader(base) as base_weights:
+            composed, _ = compose_adapters(canonical, weights, spec["method"], base_weights=base_weights, **spec["params"])
+        to_merge = [(composed, 1.0)]
+    base_files = {f.filename: f.blob_id for f in base.files.all()}
+    with blobs_on_disk(base_files) as base_paths, tempfile.TemporaryDirectory() as scratch:
+        written = merge_checkpoint(base_paths, to_merge, Path(scratch), dtype=spec["dtype"],
+                                   progress=lambda fraction, message: reporter.progress(0.05 + 0.85 * fraction, message))
+        reporter.progress(0.92, "storing the checkpoint")
+        incoming = [IncomingFile.from_path(path, disposable=True) for path in written]
+        blobs = store_blobs(incoming)
+    with transaction.atomic():
+        checkpoint, created = MergedCheckpoint.objects.get_or_create(
+            key=spec["key"], defaults={"base_model": base, "created_by": job.owner, "recipe": {
+                "adapters": spec["adapters"], "method": spec["method"], "params": spec["params"], "dtype": spec["dtype"]}})
+        if created:
+            MergedFile.objects.bulk_create(MergedFile(checkpoint=checkpoint, filename=f.name, blob=blobs[f.name])
+                                           for f in incoming)
+    return merged_files_result(checkpoint)

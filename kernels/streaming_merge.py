@@ -1,0 +1,575 @@
+"""Base checkpoint + adapters → merged checkpoint, one tensor at a time.
+
+    merge_checkpoint(base_files, [(adapter, weight), …], out_dir, dtype=None,
+                     max_shard_bytes=5 * 10**9, progress=None) -> [written paths]
+
+Memory stays near one tensor, never the model:
+
+* The base is validated first (`hub.formats.parse_base_model`: config, shard
+  numbering, index ↔ shards, and every header through
+  `read_safetensors_header`: dtypes, shapes, offsets that tile the file).
+* The output layout is known before any tensor is read (names, dtypes,
+  shapes come from the base headers), so every output file's safetensors
+  header is written first and tensors are appended in order by
+  `SafetensorsStreamWriter`; sharding follows transformers
+  (huggingface_hub's greedy split in tensor order: a tensor that would push
+  the shard over `max_shard_bytes` starts the next one, one larger than the
+  limit gets a shard of its own; `model-0000i-of-0000N.safetensors` + an
+  index with metadata.total_size / total_parameters and weight_map; a single
+  `model.safetensors` when it all fits).
+* An adapted tensor is read with safetensors' `safe_open`, opened for that
+  tensor only (safetensors 0.8 maps the file: every page read stays resident
+  while the handle is open, so one handle per file would grow RSS to the
+  file size). A tensor nothing touches and whose dtype stays the same is
+  copied byte for byte from its validated range (`os.copy_file_range`, in
+  the kernel, no user-space buffer); one whose dtype changes is converted in
+  chunks of `CHUNK_BYTES`.
+* A LoRA-only tensor on the CPU is merged a row block at a time
+  (`kernels.merge_reference.default_row_block`, ~1 MiB of float32): worker
+  threads (as many as torch's intra-op threads, each running single-threaded
+  torch ops) compute up to 2·workers blocks ahead while this thread writes the
+  finished ones in order, so reading (page faults on the mapping), compute
+  and writing overlap and only a few blocks are ever allocated. DoRA, a
+  replaced tensor, or a CUDA `device` merges the whole tensor at once.
+* Files are written under hidden temporary names in `out_dir` and renamed
+  into place only when everything has been written (weights, then index,
+  then config.json), so no partial checkpoint is ever visible; a failure
+  removes the temporary files. Weight files of an earlier checkpoint in
+  out_dir that the new one does not have (model.safetensors vs shards) are
+  removed after the rename. Nothing is fsync'ed: the renames are about what
+  readers can see, not crash durability (the hub copies the files into blob
+  storage right after).
+
+What a merged tensor is (W: base tensor, in the output dtype):
+
+* LoRA module of adapter i with weight wᵢ: ΔWᵢ = wᵢ·sᵢ·Bᵢ·Aᵢ in W's layout
+  (conv kernels reshaped, embeddings and fan_in_fan_out weights transposed,
+  as PEFT's get_delta_weight). merged = W + Σᵢ ΔWᵢ in float32, rounded once
+  (`kernels.dispatch.merge_lora`; bit-exact with PEFT's merge_and_unload for
+  one adapter at weight 1, see kernels.merge_reference).
+* DoRA (`LoraModule.merged_weight`): one DoRA module at weight 1 alone on a
+  tensor gives exactly PEFT's DoRA merge, m/‖W + ΔW‖_row · (W + ΔW). With
+  weights or several adapters on one tensor, each DoRA module contributes
+  wᵢ·(DoRAᵢ(W) − W), its full merged update with the row norm taken on the
+  *unmerged* base W (as PEFT's forward does, and PEFT 0.21's merge, which
+  un-merges earlier adapters to compute each norm), and the contributions
+  add like task vectors: merged = W + Σ LoRA ΔWᵢ + Σ wⱼ·(DoRAⱼ(W) − W).
+  This is linear in the weights (w = 0.5 is halfway between W and the DoRA
+  merge) and independent of adapter order; PEFT's sequential merge of several
+  DoRA adapters rescales the adapters merged before by later magnitudes, and
+  is order-dependent, so it is not reproduced.
+* modules_to_save / extra_tensors replace the base tensor (whatever the
+  adapter's weight); two adapters replacing one tensor are refused.
+* `dtype` ("float16", "bfloat16", "float32") casts every floating tensor;
+  the base is cast *before* merging, as `from_pretrained(torch_dtype=…)` +
+  merge_and_unload does. config.json gets the new dtype ("dtype", the
+  transformers 5 key, and/or "torch_dtype").
+
+This module imports `hub.formats` (validation, the canonical adapter): both are
+Django-free.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hub.formats.base_model import CONFIG_NAME, INDEX_NAME, SHARD_NAME, SINGLE_WEIGHTS_NAME, parse_base_model
+from hub.formats.canonical import CanonicalAdapter, LoraModule, align_modules_to_base, resolve_name
+from hub.formats.errors import FormatError
+from hub.formats.safetensors_header import (
+    BASE_MODEL_DTYPES,
+    DTYPE_ITEMSIZE,
+    TensorEntry,
+    normalise_upload_names,
+    read_json_object,
+    read_safetensors_header,
+)
+
+from .dispatch import intra_op_threads, merge_lora, worker_pool
+from .merge_reference import default_row_block, fold_scales, merge_lora_reference
+
+CHUNK_BYTES = 16 * 2**20
+MERGE_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+KOHYA_PREFIX = re.compile(r"^lora_(?:unet|te\d?)_")
+
+Progress = Callable[[float, str], None]
+
+
+# ----------------------------------------------------------------------
+# Streaming safetensors writer
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file whose tensor list is known up front: the
+    header (8-byte length + JSON, space-padded so data starts 8-byte aligned,
+    as the safetensors library writes it) goes out first, then each tensor's
+    bytes are appended in the declared order. Nothing is buffered beyond the
+    tensor being written."""
+
+    def __init__(self, path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.order: list[tuple[str, int]] = []
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        offset = 0
+        for name, dtype, shape in tensors:
+            nbytes = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.order.append((name, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-(8 + len(raw)) % 8)
+        self.data_length = offset
+        self.size = 8 + len(raw) + offset
+        self._next = 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(self._fd, len(raw).to_bytes(8, "little") + raw)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _expect(self, name: str, nbytes: int) -> None:
+        if self._next >= len(self.order):
+            raise ValueError(f"{self.path.name}: tensor '{name}' written after the last declared tensor")
+        expected_name, expected_bytes = self.order[self._next]
+        if (name, nbytes) != (expected_name, expected_bytes):
+            raise ValueError(
+                f"{self.path.name}: expected tensor '{expected_name}' ({expected_bytes} bytes) next, "
+                f"got '{name}' ({nbytes} bytes)"
+            )
+        self._next += 1
+
+    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._expect(name, data.numel())
+        _write_all(self._fd, memoryview(data.numpy()))
+
+    def write_chunks(self, name: str, nbytes: int, chunks) -> None:
+        """Declared tensor `name` from an iterable of uint8 tensors / buffers."""
+        self._expect(name, nbytes)
+        written = 0
+        for chunk in chunks:
+            if isinstance(chunk, torch.Tensor):
+                chunk = memoryview(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
+            _write_all(self._fd, chunk)
+            written += len(chunk)
+        if written != nbytes:
+            raise ValueError(f"{self.path.name}: tensor '{name}' got {written} bytes, {nbytes} declared")
+
+    def copy_range(self, name: str, source_fd: int, offset: int, nbytes: int) -> None:
+        """Copy `nbytes` from `source_fd` at `offset` in the kernel (copy_file_range),
+        or through a bounded buffer where the kernel cannot."""
+        self._expect(name, nbytes)
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < nbytes:
+                    copied = os.copy_file_range(source_fd, self._fd, nbytes - done, offset + done)
+                    if copied == 0:
+                        raise OSError(f"unexpected end of file copying '{name}'")
+                    done += copied
+            except OSError as error:
+                if error.errno is None or done:  # our own EOF, or a failure half-way: not a missing feature
+                    raise
+        while done < nbytes:
+            chunk = os.pread(source_fd, min(CHUNK_BYTES, nbytes - done), offset + done)
+            if not chunk:
+                raise OSError(f"unexpected end of file copying '{name}'")
+            _write_all(self._fd, chunk)
+            done += len(chunk)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
+        try:
+            if self._next != len(self.order):
+                missing = self.order[self._next][0]
+                raise ValueError(f"{self.path.name}: closed before tensor '{missing}' was written")
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+# ----------------------------------------------------------------------
+# Planning
+
+
+@dataclass
+class _Contribution:
+    module: LoraModule
+    weight: float
+    transposed_layout: bool  # fan_in_fan_out: the base stores W as in × out
+
+
+@dataclass
+class _PlannedTensor:
+    name: str
+    source_path: Path
+    source_filename: str
+    entry: TensorEntry
+    data_start: int  # absolute file offset of the tensor's bytes
+    out_dtype: str
+    contributions: list[_Contribution] = field(default_factory=list)
+    replacement: torch.Tensor | None = None
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.entry.numel * DTYPE_ITEMSIZE[self.out_dtype]
+
+    @property
+    def untouched(self) -> bool:
+        return not self.contributions and self.replacement is None
+
+
+def _align_adapter(adapter: CanonicalAdapter, base_shapes: dict[str, list[int]], label: str) -> dict[str, LoraModule]:
+    """Module paths → base module paths (no-op for adapters parsed with base_shapes)."""
+    modules = adapter.modules
+    if all(f"{path}.weight" in base_shapes for path in modules):
+        return modules
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False)) if adapter.format == "peft" else False
+    if adapter.format == "kohya":
+        return align_modules_to_base(
+            modules, base_shapes, filename=label,
+            adapter_key=lambda n: KOHYA_PREFIX.sub("", n), base_key=lambda n: n.replace(".", "_"), separator="_",
+        )
+    return align_modules_to_base(modules, base_shapes, filename=label, fan_in_fan_out=fan_in_fan_out)
+
+
+def _plan_adapters(
+    adapters: list[tuple[CanonicalAdapter, float]], planned: dict[str, _PlannedTensor], base_shapes: dict[str, list[int]]
+) -> None:
+    replaced_by: dict[str, int] = {}
+    for index, (adapter, weight) in enumerate(adapters):
+        label = f"adapter {index + 1}"
+        weight = float(weight)
+        if not math.isfinite(weight):
+            raise ValueError(f"{label}: weight {weight} is not finite")
+        fan_in_fan_out = adapter.format == "peft" and bool(adapter.config.get("fan_in_fan_out", False))
+        for path, module in _align_adapter(adapter, base_shapes, label).items():
+            target = planned[f"{path}.weight"]
+            if module.kind not in ("linear", "conv", "embedding"):
+                raise FormatError("unsupported_feature", f"{label}: module '{path}' has unknown kind {module.kind!r}.")
+            if module.magnitude is not None and (module.kind != "linear" or fan_in_fan_out):
+                raise FormatError(
+                    "unsupported_feature",
+                    f"{label}: module '{path}' is DoRA on a {'fan_in_fan_out ' if fan_in_fan_out else ''}"
+                    f"{module.kind} layer; merging DoRA is implemented for linear layers only.",
+                )
+            target.contributions.append(_Contribution(module, weight, fan_in_fan_out and module.kind == "linear"))
+        index_by_name = {name: [name] for name in base_shapes}
+        for key, tensor in adapter.extra_tensors.items():
+            base_key, _ = resolve_name(key, index_by_name, ".")
+            if base_key is None or list(base_shapes[base_key]) != list(tensor.shape):
+                raise FormatError(
+                    "shape_mismatch",
+                    f"{label}: saved tensor '{key}' {list(tensor.shape)} does not fit any base tensor.",
+                )
+            if base_key in replaced_by:
+                raise FormatError(
+                    "unsupported_feature",
+                    f"adapters {replaced_by[base_key] + 1} and {index + 1} both replace '{base_key}' "
+                    "(modules_to_save); merge them one at a time.",
+                )
+            replaced_by[base_key] = index
+            planned[base_key].replacement = tensor
+
+
+def _shard_plan(order: list[_PlannedTensor], max_shard_bytes: int) -> list[list[_PlannedTensor]]:
+    """huggingface_hub.split_state_dict_into_shards_factory, on output byte sizes."""
+    shards: list[list[_PlannedTensor]] = []
+    current: list[_PlannedTensor] = []
+    current_size = 0
+    for item in order:
+        size = item.out_nbytes
+        if size > max_shard_bytes:
+            shards.append([item])
+            continue
+        if current_size + size > max_shard_bytes:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(item)
+        current_size += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+# ----------------------------------------------------------------------
+# Merging one tensor
+
+
+def _delta_factors(contribution: _Contribution) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B, A, scale) with B @ A in the stored base layout, flattened to 2-D."""
+    module = contribution.module
+    scale = module.scale * contribution.weight
+    if module.kind == "embedding" or contribution.transposed_layout:
+        return module.A.T, module.B.T, scale  # PEFT stores (B @ A)ᵀ here
+    return module.B, module.A, scale
+
+
+def _merge_tensor(base: torch.Tensor, item: _PlannedTensor, device: torch.device, workers: int) -> torch.Tensor:
+    """The merged tensor in item.out_dtype, on the CPU."""
+    out_dtype = TORCH_DTYPES[item.out_dtype]
+    W = base.to(device=device, dtype=out_dtype)  # cast first, as from_pretrained(torch_dtype=…) would
+    shape = W.shape
+    W2 = W.reshape(shape[0], -1)
+    loras = [c for c in item.contributions if c.module.magnitude is None]
+    doras = [c for c in item.contributions if c.module.magnitude is not None]
+    factors = [_delta_factors(c) for c in loras]
+    Bs, As, scales = [f[0] for f in factors], [f[1] for f in factors], [f[2] for f in factors]
+    if not doras:
+        out = torch.empty(W2.shape, dtype=out_dtype, device=device)
+        merge_lora(W2, Bs, As, scales, out=out, workers=workers)
+        return out.reshape(shape).cpu()
+    W2 = W2.cpu()  # DoRA (LoraModule.merged_weight) runs where the adapter's tensors are: the CPU
+    if len(doras) == 1 and not loras and doras[0].weight == 1.0:
+        return doras[0].module.merged_weight(W2).to(out_dtype).reshape(shape)
+    acc = W2.to(torch.promote_types(torch.float32, W2.dtype), copy=True)
+    for c in doras:  # wⱼ·(DoRAⱼ(W) − W), norms on the unmerged base
+        acc.add_(c.module.merged_weight(W2).sub_(W2), alpha=c.weight)
+    if loras:
+        merge_lora(acc, Bs, As, scales, out=acc, workers=workers)
+    return acc.to(out_dtype).reshape(shape)
+
+
+def _converted_chunks(source_fd: int, item: _PlannedTensor):
+    """A dtype-changed tensor nothing else touches, converted a chunk at a time."""
+    in_dtype, out_dtype = TORCH_DTYPES[item.entry.dtype], TORCH_DTYPES[item.out_dtype]
+    itemsize = DTYPE_ITEMSIZE[item.entry.dtype]
+    total = item.entry.end - item.entry.begin
+    step = max(itemsize, CHUNK_BYTES // itemsize * itemsize)
+    for start in range(0, total, step):
+        raw = bytearray(os.pread(source_fd, min(step, total - start), item.data_start + start))
+        if len(raw) != min(step, total - start):
+            raise OSError(f"unexpected end of file reading '{item.name}'")
+        yield torch.frombuffer(raw, dtype=in_dtype).to(out_dtype).view(torch.uint8)
+
+
+# ----------------------------------------------------------------------
+
+
+def _temporary(out_dir: Path, final_name: str, tag: str) -> Path:
+    return out_dir / f".{final_name}.{tag}.partial"
+
+
+def merge_checkpoint(
+    base_files: dict[str, Path],
+    adapters: list[tuple[CanonicalAdapter, float]],
+    out_dir: Path,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+    progress: Progress | None = None,
+    device: str | torch.device | None = None,
+) -> list[Path]:
+    """Merge `adapters` (each with its weight) into the base checkpoint.
+
+    base_files: file name → path: config.json and model.safetensors, or the
+        shards + model.safetensors.index.json (other files, e.g.
+        generation_config.json, are copied unchanged).
+    dtype: output dtype for floating tensors ("float16", "bfloat16",
+        "float32"); None keeps the base's.
+    progress: called as progress(fraction 0..1, message) after each tensor.
+    device: where adapted tensors are merged (default CPU; a CUDA device
+        uses the Triton kernel through kernels.dispatch).
+    Returns the written paths: config.json, the index (if sharded), the
+    weight files, then any other copied files.
+    """
+    if dtype is not None and dtype not in MERGE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(MERGE_DTYPES)} or None, got {dtype!r}")
+    if int(max_shard_bytes) <= 0:
+        raise ValueError("max_shard_bytes must be positive")
+    device = torch.device(device or "cpu")
+    files = normalise_upload_names(base_files)
+    info = parse_base_model(files)
+    config = read_json_object(files[CONFIG_NAME], CONFIG_NAME)
+
+    planned: dict[str, _PlannedTensor] = {}
+    order: list[_PlannedTensor] = []
+    for filename in info.weight_files:
+        header = read_safetensors_header(files[filename], allowed_dtypes=BASE_MODEL_DTYPES, filename=filename)
+        for entry in sorted(header.tensors.values(), key=lambda e: e.begin):  # file order: sequential reads
+            out_dtype = MERGE_DTYPES[dtype] if dtype is not None and entry.dtype in FLOAT_DTYPES else entry.dtype
+            item = _PlannedTensor(entry.name, header.path, filename, entry, 8 + header.header_length + entry.begin,
+                                  out_dtype)
+            planned[entry.name] = item
+            order.append(item)
+    _plan_adapters(adapters, planned, info.shapes)
+
+    shards = _shard_plan(order, int(max_shard_bytes))
+    if len(shards) == 1:
+        names = [SINGLE_WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    temporaries: list[tuple[Path, Path]] = []  # (temporary, final)
+    total_bytes = sum(item.out_nbytes for item in order) or 1
+    done_bytes = 0
+    source_fds: dict[Path, int] = {}
+    workers = max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+    try:
+        # On CPU, row blocks go to `workers` pool threads with single-threaded torch ops
+        # (kernels.dispatch), and this thread's own ops run single-threaded too.
+        with intra_op_threads(1) if device.type == "cpu" else nullcontext():
+            for path in {item.source_path for item in order}:
+                source_fds[path] = os.open(path, os.O_RDONLY)
+            for shard_name, shard in zip(names, shards):
+                temporary = _temporary(out_dir, shard_name, tag)
+                temporaries.append((temporary, out_dir / shard_name))
+                writer = SafetensorsStreamWriter(
+                    temporary, [(item.name, item.out_dtype, item.entry.shape) for item in shard], {"format": "pt"}
+                )
+                try:
+                    for item in shard:
+                        _write_item(writer, item, source_fds[item.source_path], device, workers)
+                        done_bytes += item.out_nbytes
+                        if progress is not None:
+                            progress(done_bytes / total_bytes, f"merged {item.name}")
+                    writer.close()
+                finally:
+                    writer.abort()
+
+        extra_outputs: list[tuple[Path, Path]] = []
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_parameters": sum(item.entry.numel for item in order),
+                             "total_size": sum(item.out_nbytes for item in order)},
+                "weight_map": {item.name: name for name, shard in zip(names, shards) for item in shard},
+            }
+            index["weight_map"] = dict(sorted(index["weight_map"].items()))
+            temporary = _temporary(out_dir, INDEX_NAME, tag)
+            temporary.write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
+            extra_outputs.append((temporary, out_dir / INDEX_NAME))
+            temporaries.append(extra_outputs[-1])
+        temporary = _temporary(out_dir, CONFIG_NAME, tag)
+        if dtype is not None:
+            for key in ("dtype", "torch_dtype"):
+                if key in config:
+                    config[key] = dtype
+            if "dtype" not in config and "torch_dtype" not in config:
+                config["torch_dtype"] = dtype
+            temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        else:
+            temporary.write_bytes(files[CONFIG_NAME].read_bytes())
+        temporaries.append((temporary, out_dir / CONFIG_NAME))
+        others = [name for name in files if name not in (CONFIG_NAME, INDEX_NAME, *info.weight_files)]
+        for name in sorted(others):
+            temporary = _temporary(out_dir, name, tag)
+            temporary.write_bytes(files[name].read_bytes())
+            temporaries.append((temporary, out_dir / name))
+    except BaseException:
+        for temporary, _ in temporaries:
+            temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        for fd in source_fds.values():
+            os.close(fd)
+
+    for temporary, final in temporaries:  # weights first, config.json last
+        os.replace(temporary, final)
+    written_names = {final.name for _, final in temporaries}
+    for stale in out_dir.iterdir():  # weights of an earlier checkpoint written here
+        if stale.name not in written_names and (
+            stale.name in (SINGLE_WEIGHTS_NAME, INDEX_NAME) or SHARD_NAME.match(stale.name)
+        ):
+            stale.unlink()
+    weight_paths = [out_dir / name for name in names]
+    head = [out_dir / CONFIG_NAME] + ([out_dir / INDEX_NAME] if len(shards) > 1 else [])
+    return head + weight_paths + [out_dir / name for name in sorted(others)]
+
+
+def _write_item(
+    writer: SafetensorsStreamWriter, item: _PlannedTensor, source_fd: int, device: torch.device, workers: int
+) -> None:
+    if item.untouched:
+        if item.out_dtype == item.entry.dtype:
+            writer.copy_range(item.name, source_fd, item.data_start, item.out_nbytes)
+        else:
+            writer.write_chunks(item.name, item.out_nbytes, _converted_chunks(source_fd, item))
+        return
+    if item.replacement is not None:
+        merged = item.replacement.to(TORCH_DTYPES[item.out_dtype])
+        writer.write_tensor(item.name, _merge_tensor(merged, item, device, workers) if item.contributions else merged)
+        return
+    from safetensors import safe_open
+
+    # One handle per tensor: the mapping (and the pages it made resident) goes away with it.
+    with safe_open(str(item.source_path), framework="pt") as handle:
+        base = handle.get_tensor(item.name)
+        if device.type == "cpu" and all(c.module.magnitude is None for c in item.contributions):
+            writer.write_chunks(item.name, item.out_nbytes, _merged_row_blocks(base, item, workers))
+        else:
+            writer.write_tensor(item.name, _merge_tensor(base, item, device, workers))
+        del base
+
+
+def _merged_row_blocks(base: torch.Tensor, item: _PlannedTensor, workers: int):
+    """LoRA-only merge of one tensor, yielded as row blocks in order: `workers` pool
+    threads compute blocks ahead (at most 2·workers blocks in flight) while the
+    caller writes the finished ones, so memory holds a few blocks, not the tensor."""
+    out_dtype = TORCH_DTYPES[item.out_dtype]
+    W = base.reshape(base.shape[0], -1)
+    rows, columns = W.shape
+    factors = [_delta_factors(c) for c in item.contributions]
+    compute = torch.promote_types(torch.float32, out_dtype)
+    Bs = [f[0] for f in factors]
+    As, scales = fold_scales([f[1].to(compute) for f in factors], [f[2] for f in factors])  # once, not per block
+    row_block = default_row_block(int(columns))
+
+    def block(start: int) -> torch.Tensor:
+        stop = min(start + row_block, rows)
+        weight = W[start:stop].to(out_dtype)  # cast first, as from_pretrained(torch_dtype=…) would
+        out = torch.empty((stop - start, columns), dtype=out_dtype)
+        return merge_lora_reference(weight, [B[start:stop] for B in Bs], As, scales, out=out)
+
+    pool = worker_pool(workers)
+    starts = iter(range(0, rows, row_block))
+    in_flight: deque[Future] = deque(pool.submit(block, start) for start in islice(starts, 2 * workers))
+    try:
+        while in_flight:
+            result = in_flight.popleft().result()
+            following = next(starts, None)
+            if following is not None:
+                in_flight.append(pool.submit(block, following))
+            yield result
+    finally:
+        for future in in_flight:
+            future.cancel()
+        for future in in_flight:
+            if not future.cancelled():
+                future.exception()  # let running blocks finish before the mapping closes
