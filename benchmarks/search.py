@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import re
 import secrets
 import time
 from urllib.parse import urlsplit, urlunsplit
@@ -30,7 +31,7 @@ import requests
 from _server import django_setup, gunicorn
 
 BENCH_DB = "quiver_bench_search"
-DATA_VERSION = 1  # bump when the generator changes: the marker then no longer matches and the table is refilled
+DATA_VERSION = 2  # bump when the generator changes: the marker then no longer matches and the table is refilled
 TASK_COUNT = 2000
 WARMUP, QUERIES, RECALL_QUERIES, BREAKDOWN_QUERIES = 20, 300, 200, 100
 EF_SWEEP = (40, 100, 200, 400)
@@ -115,11 +116,15 @@ def adapter_rows(n: int, seed: int, tasks: list[str], centers: np.ndarray, owner
                   rng.integers(len(tasks), size=n), noise=0.03)
     private = rng.random(n) < 0.1
     parameter_count = rng.integers(100_000, 50_000_000, size=n)
+    # Names like "summarize-legal-123": task words, as people name adapters; a token shared by
+    # every name (say "adapter-123") would make each keyword query match the whole table.
+    slugs = ["-".join(re.findall(r"[a-z]+", task.lower())[:2]) for task in tasks]
     now = timezone.now()
     for i in range(n):
         text = tasks[primary[i]] if single[i] else f"{tasks[primary[i]]}. Also: {tasks[secondary[i]].lower()}"
-        yield (owner_id, f"team-{i % 500}", f"adapter-{i}", text, [], "", "private" if private[i] else "public",
-               "peft", "LORA", 8, 16.0, False, False, [], {}, "float32", int(parameter_count[i]), {},
+        visibility = "private" if private[i] else "public"
+        yield (owner_id, f"team-{i % 500}", f"{slugs[primary[i]]}-{i}", text, [], "", visibility, "peft", "LORA",
+               8, 16.0, False, False, [], {}, "float32", int(parameter_count[i]), {},
                descriptions[i], TEXT_ENCODER_LABEL, weights[i], UNTRAINED_WEIGHT_LABEL, now, now)
 
 
@@ -281,7 +286,8 @@ def recall_sweep(vectors: list[list[float]], default_ef: int) -> tuple[dict, dic
     for ef in sorted({*EF_SWEEP, default_ef}):
         set_ef_search(ef)
         hnsw = [nearest_ids(vector, exact=False) for vector in vectors]
-        recall = np.mean([len(set(found) & set(truth)) / len(truth) for (found, _, _), (truth, _, _) in zip(hnsw, exact)])
+        recall = np.mean([len(set(found) & set(truth)) / len(truth)
+                          for (found, _, _), (truth, _, _) in zip(hnsw, exact)])
         sweep[ef] = {"recall_at_10": round(float(recall), 4), "hnsw_p50_ms": ms([s for _, s, _ in hnsw], 50),
                      "hnsw_p95_ms": ms([s for _, s, _ in hnsw], 95),
                      "hnsw_plan_share": round(float(np.mean([used for _, _, used in hnsw])), 3)}
