@@ -6,6 +6,7 @@ import uuid
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVector, SearchVectorField
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from pgvector.django import HnswIndex, VectorField
@@ -128,6 +129,10 @@ class Adapter(models.Model):
     # Set when the weights are almost the same as an older adapter's on the same base (not blocking).
     near_duplicate_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     near_duplicate_similarity = models.FloatField(null=True, blank=True)
+    # Full-text document kept by PostgreSQL itself (GIN-indexed): keyword search never re-parses rows.
+    search_document = models.GeneratedField(
+        expression=SearchVector("name", "description", config="english"),
+        output_field=SearchVectorField(), db_persist=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -135,6 +140,7 @@ class Adapter(models.Model):
         constraints = [models.UniqueConstraint(fields=["namespace", "name"], name="unique_adapter_id")]
         indexes = [
             GinIndex(fields=["tags"], name="adapter_tags_gin"),
+            GinIndex(fields=["search_document"], name="adapter_search_document_gin"),
             models.Index(fields=["base_model", "visibility"], name="adapter_base_visibility"),
             HnswIndex(name="adapter_description_hnsw", fields=["description_embedding"], m=16, ef_construction=64,
                       opclasses=["vector_cosine_ops"]),

@@ -2,7 +2,7 @@
 visibility is applied inside SQL, never after it."""
 from __future__ import annotations
 
-from django.contrib.postgres.search import SearchQuery, SearchVector
+from django.contrib.postgres.search import SearchQuery
 from django.db.models import Q, QuerySet
 
 from hub import formats
@@ -43,10 +43,9 @@ def adapter_list(
     if owner:
         adapters = adapters.filter(owner__username=owner)
     if q:
-        # Keywords: full-text over name and description, plus substring on the id and tags.
-        document = SearchVector("name", "namespace", "description", config="english")
-        adapters = adapters.annotate(document=document).filter(
-            Q(document=SearchQuery(q, config="english", search_type="websearch"))
+        # Keywords: the stored full-text document (name, description), plus substrings of name and tags.
+        adapters = adapters.filter(
+            Q(search_document=SearchQuery(q, config="english", search_type="websearch"))
             | Q(name__icontains=q)
             | Q(tags__icontains=q)
         )
