@@ -147,9 +147,12 @@ class HealthSerializer(serializers.Serializer):
     broker = serializers.CharField()
 
 
-class SearchQuerySerializer(serializers.Serializer):
-    q = serializers.CharField(max_length=2000, help_text="what the adapter should do, in words")
+class SimilarQuerySerializer(serializers.Serializer):
     k = serializers.IntegerField(min_value=1, max_value=100, default=10)
+
+
+class SearchQuerySerializer(SimilarQuerySerializer):
+    q = serializers.CharField(max_length=2000, help_text="what the adapter should do, in words")
     base_model = serializers.CharField(required=False)
     format = serializers.CharField(required=False)
     tag = serializers.CharField(required=False)

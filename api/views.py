@@ -13,7 +13,6 @@ from rest_framework.views import APIView
 from api import serializers as s
 from api.downloads import blob_download_response
 from hub import search, selectors
-from hub.errors import InvalidInput
 from hub.services import compositions
 from kernels.compose import METHODS
 from hub.services import adapters as adapter_services
@@ -85,11 +84,12 @@ class AdapterRevisionListView(APIView):
 
 
 class AdapterSimilarView(APIView):
-    @extend_schema(parameters=[OpenApiParameter("k", int)], responses=s.SearchResponseSerializer)
+    @extend_schema(parameters=[s.SimilarQuerySerializer], responses=s.SearchResponseSerializer)
     def get(self, request, namespace, name):
         adapter = selectors.get_adapter(request.user, namespace, name)
-        k = _bounded_int(request.query_params.get("k"), default=10, low=1, high=100, field="k")
-        hits = search.similar_adapters(request.user, adapter, k=k)
+        form = s.SimilarQuerySerializer(data=request.query_params)
+        form.is_valid(raise_exception=True)
+        hits = search.similar_adapters(request.user, adapter, k=form.validated_data["k"])
         return Response({"query": adapter.full_name,
                          "results": s.SearchHitSerializer(hits, many=True, context={"request": request}).data})
 
@@ -106,14 +106,6 @@ class SearchView(APIView):
         hits = search.search_adapters(request.user, query, **params)
         return Response({"query": query,
                          "results": s.SearchHitSerializer(hits, many=True, context={"request": request}).data})
-
-
-def _bounded_int(raw, *, default: int, low: int, high: int, field: str) -> int:
-    if raw in (None, ""):
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise InvalidInput("bad_" + field, f"{field} must be an integer from {low} to {high}.", field=field)
-    return int(raw)
 
 
 class AdapterFileView(APIView):

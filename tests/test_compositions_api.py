@@ -103,5 +103,12 @@ def test_merge_streams_a_checkpoint_that_transformers_loads_and_identical_reques
     assert again.status_code == 200 and again.json()["state"] == "succeeded"
     assert again.json()["result"]["merge_id"] == result["merge_id"]
     assert MergedCheckpoint.objects.count() == 1
-    # Someone who cannot see an input cannot see the merge.
-    assert client_for(make_user("bob")).get(f"/api/v1/merges/{result['merge_id']}/").status_code == 200
+    # The merge is visible to whoever sees every input, and to nobody else once an input turns private.
+    from hub.models import Adapter
+
+    bob = client_for(make_user("bob"))
+    merge_url = f"/api/v1/merges/{result['merge_id']}/"
+    assert bob.get(merge_url).status_code == 200
+    Adapter.objects.filter(name="ticket-summarizer").update(visibility="private")
+    assert bob.get(merge_url).status_code == 404
+    assert bob.get(result["files"][0]["url"]).status_code == 404
