@@ -203,7 +203,53 @@ class ComposeMethodSerializer(serializers.Serializer):
     description = serializers.CharField()
 
 
+class PinnedAdapterSerializer(serializers.Serializer):
+    adapter = serializers.CharField()
+    revision = serializers.IntegerField()
+    commit = serializers.CharField()
+    weight = serializers.FloatField()
+
+
 class MergedCheckpointSerializer(serializers.Serializer):
     merge_id = serializers.CharField()
+    repo_id = serializers.CharField(help_text="merges/<merge_id>: the Hugging Face Hub-compatible repository id")
     base_model = serializers.CharField()
+    base_model_revision = serializers.CharField(help_text="commit over the base model's files")
+    adapters = PinnedAdapterSerializer(many=True)
+    method = serializers.CharField()
+    params = serializers.DictField()
+    dtype = serializers.CharField(allow_null=True)
     files = serializers.ListField(child=serializers.DictField())
+
+
+class ManifestSerializer(serializers.Serializer):
+    adapter = serializers.DictField(help_text="id, revision, commit")
+    base_model = serializers.DictField(allow_null=True, help_text="id, revision (commit over its files), weight_fingerprint")
+    files = StoredFileSerializer(many=True)
+
+
+class FileHolderSerializer(serializers.Serializer):
+    adapter = serializers.CharField(source="revision.adapter.full_name")
+    revision = serializers.IntegerField(source="revision.number")
+    commit = serializers.CharField(source="revision.commit")
+    filename = serializers.CharField()
+    latest = serializers.SerializerMethodField(help_text="whether this is the adapter's latest revision")
+
+    def get_latest(self, stored) -> bool:
+        return stored.revision.adapter.latest_revision_id == stored.revision_id
+
+
+class ByHashResponseSerializer(serializers.Serializer):
+    sha256 = serializers.CharField()
+    matches = FileHolderSerializer(many=True)
+
+
+class UpdateCheckRequestSerializer(serializers.Serializer):
+    adapters = serializers.ListField(child=serializers.CharField(max_length=300), allow_empty=False,
+                                     help_text='["namespace/name@revision", ...] (revision: number or commit)')
+
+
+class UpdateCheckResponseSerializer(serializers.Serializer):
+    results = serializers.ListField(child=serializers.DictField(), help_text=(
+        "per adapter, in request order: ref, id, current, latest, newer (newest first), update_available; "
+        "or ref, id, error {code, message}"))

@@ -6,7 +6,11 @@ NAME = r"(?P<namespace>[A-Za-z0-9][A-Za-z0-9._-]*)/(?P<name>[A-Za-z0-9][A-Za-z0-
 
 urlpatterns = [
     path("adapters/", views.AdapterListCreateView.as_view(), name="adapter-list"),
+    # Before the detail route, which "by-hash/<sha256>/" would also match.
+    re_path(r"^adapters/by-hash/(?P<sha256>[^/]+)/?$", views.AdapterByHashView.as_view(), name="adapter-by-hash"),
+    re_path(r"^adapters/updates/?$", views.AdapterUpdatesView.as_view(), name="adapter-updates"),
     re_path(rf"^adapters/{NAME}/$", views.AdapterDetailView.as_view(), name="adapter-detail"),
+    re_path(rf"^adapters/{NAME}/manifest$", views.AdapterManifestView.as_view(), name="adapter-manifest"),
     re_path(rf"^adapters/{NAME}/similar$", views.AdapterSimilarView.as_view(), name="adapter-similar"),
     path("search", views.SearchView.as_view(), name="search"),
     re_path(rf"^adapters/{NAME}/revisions/$", views.AdapterRevisionListView.as_view(), name="adapter-revisions"),

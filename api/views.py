@@ -1,6 +1,8 @@
 """REST API v1. Views are thin: parse input, call a service or selector, shape output."""
 from __future__ import annotations
 
+import re
+
 from django.db import connection
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -13,6 +15,7 @@ from rest_framework.views import APIView
 from api import serializers as s
 from api.downloads import blob_download_response
 from hub import search, selectors
+from hub.errors import InvalidInput, NotFound
 from hub.services import compositions
 from kernels.compose import METHODS
 from hub.services import adapters as adapter_services
@@ -21,6 +24,7 @@ from hub.services.files import IncomingFile
 from workers import app as celery_app
 
 ADAPTER_FILTERS = ["base_model", "format", "tag", "license", "owner", "q"]
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def incoming_files(request) -> list[IncomingFile]:
@@ -121,6 +125,43 @@ class AdapterFileView(APIView):
             request, sha256=stored.sha256, size=stored.size, filename=filename,
             extra_headers={"X-Quiver-Revision": str(revision.number), "X-Quiver-Commit": revision.commit},
         )
+
+
+class AdapterManifestView(APIView):
+    """What a download of one revision is pinned to: adapter revision, base model revision, file hashes."""
+
+    @extend_schema(parameters=[OpenApiParameter("revision", str, description="revision number or commit id; default: latest")],
+                   responses=s.ManifestSerializer)
+    def get(self, request, namespace, name):
+        adapter = selectors.get_adapter(request.user, namespace, name)
+        revision = selectors.get_revision(adapter, request.query_params.get("revision"))
+        context = {"request": request, "file_url": s.adapter_file_url(adapter, revision)}
+        return Response(s.ManifestSerializer(selectors.download_manifest(adapter, revision), context=context).data)
+
+
+class AdapterByHashView(APIView):
+    """Which adapters (and revisions) hold a file with these bytes: find an adapter from a file you have."""
+
+    @extend_schema(responses=s.ByHashResponseSerializer)
+    def get(self, request, sha256):
+        if not SHA256.fullmatch(sha256):
+            raise InvalidInput("bad_sha256", "Give the file's sha256 as 64 hexadecimal characters.", field="sha256")
+        holders = selectors.revisions_holding_file(request.user, sha256)
+        if not holders:
+            raise NotFound("file_not_registered", f"No adapter you can see has a file with sha256 {sha256.lower()}.")
+        return Response({"sha256": sha256.lower(), "matches": s.FileHolderSerializer(holders, many=True).data})
+
+
+class AdapterUpdatesView(APIView):
+    """Bulk check for updates: many namespace/name@revision in, newer revisions out."""
+
+    permission_classes = [AllowAny]  # a read, sent as POST because the list can be long
+
+    @extend_schema(request=s.UpdateCheckRequestSerializer, responses=s.UpdateCheckResponseSerializer)
+    def post(self, request):
+        form = s.UpdateCheckRequestSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        return Response({"results": selectors.adapter_updates(request.user, form.validated_data["adapters"])})
 
 
 class ComposeMethodListView(APIView):

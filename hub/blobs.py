@@ -8,9 +8,11 @@ only once its upload completes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,6 +54,13 @@ class _TemporaryFile(File):
 
     def temporary_file_path(self) -> str:
         return self._path
+
+
+def manifest_commit(files: Iterable[tuple[str, str]]) -> str:
+    """A git-like 40-hex id of a set of (filename, sha256): what Hub-style clients call the commit
+    of an adapter revision, a base model or a merged checkpoint."""
+    manifest = json.dumps(sorted(files), separators=(",", ":")).encode()
+    return hashlib.sha1(manifest, usedforsecurity=False).hexdigest()
 
 
 def open_blob(sha256: str):

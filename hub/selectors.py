@@ -2,13 +2,20 @@
 visibility is applied inside SQL, never after it."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from datetime import datetime
+
 from django.contrib.postgres.search import SearchQuery
 from django.db.models import Q, QuerySet
 
 from hub import formats
-from hub.blobs import blobs_on_disk
-from hub.errors import NotFound
-from hub.models import Adapter, BaseModel, Job, Revision, Visibility
+from hub.blobs import blobs_on_disk, manifest_commit
+from hub.errors import InvalidInput, NotFound
+from hub.models import Adapter, BaseModel, Job, MergedCheckpoint, Revision, RevisionFile, Visibility
+
+# Merged checkpoints are Hub-style repositories named merges/<merge_id>; no one may upload to it.
+MERGES_NAMESPACE = "merges"
+MAX_UPDATE_CHECKS = 1000
 
 
 def visible_adapters(user) -> QuerySet[Adapter]:
@@ -119,12 +126,176 @@ def load_revision_adapter(revision: Revision) -> formats.CanonicalAdapter:
         return formats.parse_adapter(paths)
 
 
-def get_merged_checkpoint(user, key: str):
+def get_merged_checkpoint(user, key: str) -> MergedCheckpoint:
     """A stored merge, visible to whoever may see every adapter that went into it."""
-    from hub.models import MergedCheckpoint
-
     checkpoint = MergedCheckpoint.objects.select_related("base_model").filter(key=key).first()
     adapter_ids = {ref["adapter_id"] for ref in checkpoint.recipe["adapters"]} if checkpoint else set()
     if checkpoint is None or visible_adapters(user).filter(id__in=adapter_ids).count() != len(adapter_ids):
         raise NotFound("merge_not_found", f"No merge {key}.")
     return checkpoint
+
+
+def base_model_commit(base: BaseModel) -> str:
+    """The revision of a base model (immutable once registered): the commit over its files."""
+    return manifest_commit((f.filename, f.blob_id) for f in base.files.all())
+
+
+def download_manifest(adapter: Adapter, revision: Revision) -> dict:
+    """What a download is pinned to: the adapter revision, the base model revision, every file's hash."""
+    base = adapter.base_model
+    return {
+        "adapter": {"id": adapter.full_name, "revision": revision.number, "commit": revision.commit},
+        "base_model": None if base is None else {
+            "id": base.full_name, "revision": base_model_commit(base), "weight_fingerprint": base.weight_fingerprint},
+        "files": list(revision.files.select_related("blob")),
+    }
+
+
+def revisions_holding_file(user, sha256: str) -> list[RevisionFile]:
+    """Every visible adapter revision with a file of these bytes, newest first."""
+    return list(
+        RevisionFile.objects.select_related("revision__adapter__latest_revision", "blob")
+        .filter(blob_id=sha256.lower(), revision__adapter__in=visible_adapters(user).values("id"))
+        .order_by("-revision__created_at", "filename")
+    )
+
+
+def _revision_json(revision: Revision) -> dict:
+    return {"revision": revision.number, "commit": revision.commit, "created_at": revision.created_at.isoformat()}
+
+
+def adapter_updates(user, refs: list[str]) -> list[dict]:
+    """For each "namespace/name@revision": the revisions newer than it (a per-item error when
+    the adapter or the revision is unknown, so one stale pin does not fail the whole check)."""
+    if len(refs) > MAX_UPDATE_CHECKS:
+        raise InvalidInput("too_many_adapters", f"At most {MAX_UPDATE_CHECKS} adapters per check.", field="adapters")
+    parsed = []
+    for ref in refs:
+        full_name, _, revision = str(ref).partition("@")
+        namespace, _, name = full_name.partition("/")
+        parsed.append((str(ref), namespace, name, revision))
+    wanted = Q(pk__in=[])
+    for _, namespace, name, _ in parsed:
+        wanted |= Q(namespace=namespace, name=name)
+    adapters = {(a.namespace, a.name): a for a in visible_adapters(user).filter(wanted)}
+    newer_pool: dict[int, list[Revision]] = {}
+    for revision in Revision.objects.filter(adapter__in=adapters.values()).order_by("number"):
+        newer_pool.setdefault(revision.adapter_id, []).append(revision)
+
+    results = []
+    for ref, namespace, name, revision in parsed:
+        item: dict = {"ref": ref, "id": f"{namespace}/{name}"}
+        adapter = adapters.get((namespace, name))
+        try:
+            if not namespace or not name:
+                raise InvalidInput("bad_reference", f"{ref!r} is not namespace/name@revision.")
+            if adapter is None:  # same answer for missing and private to someone else
+                raise NotFound("adapter_not_found", f"No adapter {namespace}/{name}.")
+            if not revision:
+                raise InvalidInput("revision_required", f"{ref!r} names no revision (namespace/name@revision).")
+            asked = get_revision(adapter, revision)
+        except (InvalidInput, NotFound) as error:
+            results.append({**item, "error": {"code": error.code, "message": error.message}})
+            continue
+        newer = [r for r in newer_pool[adapter.id] if r.number > asked.number]
+        results.append({**item, "current": _revision_json(asked), "latest": _revision_json(adapter.latest_revision),
+                        "newer": [_revision_json(r) for r in reversed(newer)], "update_available": bool(newer)})
+    return results
+
+
+# --- Hugging Face Hub-compatible repositories ---------------------------------------------------
+
+@dataclass(frozen=True)
+class HubRepo:
+    """A repository as Hugging Face Hub clients see it, at one commit: an adapter revision,
+    a registered base model or a merged checkpoint (the last two are immutable: one commit)."""
+
+    repo_id: str
+    kind: str  # "adapter" | "base_model" | "merge"
+    commit: str
+    files: list  # StoredFile rows, blobs loaded
+    private: bool
+    author: str
+    created_at: datetime
+    last_modified: datetime
+    library_name: str
+    tags: list[str] = field(default_factory=list)
+    card: dict = field(default_factory=dict)  # cardData: base model and its pinned revision, license, recipe
+
+    def file(self, filename: str):
+        for stored in self.files:
+            if stored.filename == filename:
+                return stored
+        raise NotFound("file_not_found", f"{self.repo_id}@{self.commit[:12]} has no file {filename!r}.")
+
+
+def get_hub_repo(user, repo_id: str, revision: str | None = None) -> HubRepo:
+    """`repo_id` names an adapter, a base model (when no adapter has that id) or merges/<merge_id>;
+    `revision` is main/None (the latest), a commit (or its prefix) or an adapter revision number."""
+    namespace, _, name = repo_id.partition("/")
+    if namespace == MERGES_NAMESPACE:
+        return _merge_repo(get_merged_checkpoint(user, name), revision)
+    adapter = visible_adapters(user).filter(namespace=namespace, name=name).first()
+    if adapter is not None:
+        return _adapter_repo(adapter, get_revision(adapter, revision))
+    base = BaseModel.objects.select_related("owner").filter(namespace=namespace, name=name).first()
+    if base is not None:
+        return _base_model_repo(base, revision)
+    # Same answer for "missing" and "private to someone else": no existence leak.
+    raise NotFound("repo_not_found", f"No repository {repo_id}.")
+
+
+def _stored_files(files) -> list:
+    return list(files.select_related("blob").order_by("filename"))
+
+
+def _check_immutable_revision(repo_id: str, commit: str, revision: str | None) -> None:
+    if revision in (None, "", "main", "latest"):
+        return
+    if len(revision) < 7 or not commit.startswith(revision.lower()):
+        raise NotFound("revision_not_found", f"{repo_id} has one revision, {commit}; not {revision!r}.")
+
+
+def _adapter_repo(adapter: Adapter, revision: Revision) -> HubRepo:
+    base = adapter.base_model
+    card = {"license": adapter.license or None, "tags": adapter.tags, "library_name": "peft"}
+    if base is not None:
+        card.update(base_model=base.full_name, base_model_revision=base_model_commit(base))
+    return HubRepo(
+        repo_id=adapter.full_name, kind="adapter", commit=revision.commit, files=_stored_files(revision.files),
+        private=adapter.visibility == Visibility.PRIVATE, author=adapter.namespace, created_at=adapter.created_at,
+        last_modified=revision.created_at, library_name="peft", tags=["peft", "lora", *adapter.tags], card=card)
+
+
+def _base_model_repo(base: BaseModel, revision: str | None) -> HubRepo:
+    files = _stored_files(base.files)
+    commit = manifest_commit((f.filename, f.blob_id) for f in files)
+    _check_immutable_revision(base.full_name, commit, revision)
+    return HubRepo(
+        repo_id=base.full_name, kind="base_model", commit=commit, files=files, private=False, author=base.namespace,
+        created_at=base.created_at, last_modified=base.created_at, library_name="transformers",
+        tags=["transformers", base.model_type], card={"library_name": "transformers"})
+
+
+def _merge_repo(checkpoint: MergedCheckpoint, revision: str | None) -> HubRepo:
+    repo_id = f"{MERGES_NAMESPACE}/{checkpoint.key}"
+    files = _stored_files(checkpoint.files)
+    commit = manifest_commit((f.filename, f.blob_id) for f in files)
+    _check_immutable_revision(repo_id, commit, revision)
+    adapter_ids = [ref["adapter_id"] for ref in checkpoint.recipe["adapters"]]
+    base = checkpoint.base_model
+    return HubRepo(
+        repo_id=repo_id, kind="merge", commit=commit, files=files,
+        private=Adapter.objects.filter(id__in=adapter_ids, visibility=Visibility.PRIVATE).exists(),
+        author=MERGES_NAMESPACE, created_at=checkpoint.created_at, last_modified=checkpoint.created_at,
+        library_name="transformers", tags=["transformers", "merge"],
+        card={"library_name": "transformers", "base_model": base.full_name,
+              "base_model_revision": base_model_commit(base), "merge": merge_recipe(checkpoint)})
+
+
+def merge_recipe(checkpoint: MergedCheckpoint) -> dict:
+    """What went into a merge, pinned: each adapter's revision and commit, its weight, the method."""
+    recipe = checkpoint.recipe
+    return {"adapters": [{key: ref[key] for key in ("adapter", "revision", "commit", "weight")}
+                         for ref in recipe["adapters"]],
+            "method": recipe["method"], "params": recipe.get("params", {}), "dtype": recipe.get("dtype")}

@@ -7,4 +7,6 @@ urlpatterns = [
     path("api/v1/", include("api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    # Hugging Face Hub-compatible reads (/api/models/..., /{repo_id}/resolve/...) for HF_ENDPOINT clients.
+    path("", include("api.hf_urls")),
 ]

@@ -10,7 +10,7 @@ from django.conf import settings
 from hub import formats
 from hub.errors import Conflict, Forbidden, InvalidInput, NotFound
 from hub.models import SLUG, Adapter, BaseModel, Job, Revision, RevisionFile, Visibility
-from hub.selectors import get_base_model
+from hub.selectors import MERGES_NAMESPACE, get_base_model
 from hub.services.files import IncomingFile, as_invalid_input, check_incoming_files, manifest_commit, store_blobs
 from hub.services.embeddings import enqueue_embedding
 from hub.services.jobs import enqueue_job
@@ -29,7 +29,9 @@ def check_slug(value: str, field: str) -> None:
 
 
 def check_namespace_owner(user, namespace: str) -> None:
-    """A user writes to their own namespace (staff may write anywhere)."""
+    """A user writes to their own namespace (staff may write anywhere but the reserved ones)."""
+    if namespace == MERGES_NAMESPACE:
+        raise Forbidden("namespace_reserved", f"The namespace {namespace!r} holds merged checkpoints.", field="namespace")
     if user.is_staff or namespace == user.username:
         return
     raise Forbidden("namespace_forbidden", f"You can only upload to your own namespace ({user.username!r}).", field="namespace")

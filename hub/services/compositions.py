@@ -23,7 +23,8 @@ from hub import formats
 from hub.blobs import blobs_on_disk
 from hub.errors import Conflict, InvalidInput, NotFound
 from hub.models import Adapter, BaseModel, Job, MergedCheckpoint, MergedFile, Revision, Visibility
-from hub.selectors import get_adapter, get_base_model, get_revision, load_revision_adapter
+from hub.selectors import (MERGES_NAMESPACE, base_model_commit, get_adapter, get_base_model, get_revision,
+                           load_revision_adapter, merge_recipe)
 from hub.services.adapters import check_namespace_owner, check_slug, upload_adapter
 from hub.services.files import IncomingFile, store_blobs
 from hub.services.jobs import JobReporter, enqueue_job
@@ -181,7 +182,10 @@ def merge_key(base: BaseModel, inputs: list[AdapterInput], method: str, params: 
 
 
 def merged_files_result(checkpoint: MergedCheckpoint) -> dict:
-    return {"merge_id": checkpoint.key, "base_model": checkpoint.base_model.full_name, "files": [
+    """A merge's download manifest: pinned to the base model's and every adapter's revision."""
+    return {"merge_id": checkpoint.key, "repo_id": f"{MERGES_NAMESPACE}/{checkpoint.key}",
+            "base_model": checkpoint.base_model.full_name,
+            "base_model_revision": base_model_commit(checkpoint.base_model), **merge_recipe(checkpoint), "files": [
         {"filename": f.filename, "size": f.size, "sha256": f.sha256,
          "url": reverse("merge-file", args=[checkpoint.key, f.filename])}
         for f in checkpoint.files.select_related("blob")]}

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from hub import formats
+from hub import blobs
 from hub.blobs import put_blob
 from hub.errors import InvalidInput, TooLarge
 from hub.models import Blob
@@ -87,8 +87,7 @@ def store_blobs(files: list[IncomingFile]) -> dict[str, Blob]:
 
 def manifest_commit(files: list[IncomingFile]) -> str:
     """A 40-hex id of a set of (filename, sha256): a revision's 'commit'."""
-    manifest = json.dumps(sorted((f.name, f.sha256) for f in files), separators=(",", ":")).encode()
-    return hashlib.sha1(manifest, usedforsecurity=False).hexdigest()
+    return blobs.manifest_commit((f.name, f.sha256) for f in files)
 
 
 def as_invalid_input(error: "formats.FormatError") -> InvalidInput:
