@@ -130,6 +130,17 @@ def demo_bases(db, demo_files):
 
 
 @pytest.fixture
+def live_hub(live_server, demo_files) -> str:
+    """The hub on a live test server (a thread of this process, on the test database) with the demo
+    catalog registered: the base URL for real HTTP clients (huggingface_hub, PEFT, the quiver CLI)."""
+    import workers  # noqa: F401  the Celery app the uploads' jobs are sent through (else Celery's default)
+    from hub.management.commands.seed_demo import seed_catalog
+
+    seed_catalog(demo_files, log=lambda message: None)
+    return live_server.url
+
+
+@pytest.fixture
 def demo_adapter(demo_files):
     """A demo catalog adapter entry by name."""
     by_name = {entry["name"]: entry for entry in demo_files["adapters"]}

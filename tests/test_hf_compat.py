@@ -39,15 +39,6 @@ def run_hf_client(script: str, hub_url: str, workdir: Path, args: dict, hf_token
 
 
 @pytest.fixture
-def hub_url(live_server, demo_files):
-    import workers  # noqa: F401  the Celery app the uploads' jobs are sent through (else Celery's default)
-    from hub.management.commands.seed_demo import seed_catalog
-
-    seed_catalog(demo_files, log=lambda message: None)
-    return live_server.url
-
-
-@pytest.fixture
 def alice(make_user):
     return make_user("alice")
 
@@ -85,12 +76,14 @@ out["errors"] = {
                                                          cache_dir=cache + "/d")),
     "missing_repo": error_of(lambda: hf_hub_download("nobody/nothing", "adapter_config.json", cache_dir=cache + "/d")),
     "create_repo": error_of(lambda: HfApi().create_repo("alice/new-one")),
+    "upload_file": error_of(lambda: HfApi().upload_file(path_or_fileobj=b"{}", path_in_repo="extra.json",
+                                                        repo_id=repo)),
 }
 print(json.dumps(out))
 """
 
 
-def test_hf_hub_download_snapshot_download_and_model_info_of_adapter_revisions(hub_url, alice, client_for, demo_adapter,
+def test_hf_hub_download_snapshot_download_and_model_info_of_adapter_revisions(live_hub, alice, client_for, demo_adapter,
                                                                                 tmp_path):
     first, second = demo_adapter("ticket-summarizer"), demo_adapter("sql-from-questions")
     api = client_for(alice)
@@ -101,7 +94,7 @@ def test_hf_hub_download_snapshot_download_and_model_info_of_adapter_revisions(h
     weights = {entry["name"]: sha256_file(next(p for p in entry["files"] if p.name == "adapter_model.safetensors"))
                for entry in (first, second)}
 
-    out = run_hf_client(DOWNLOADS, hub_url, tmp_path, {
+    out = run_hf_client(DOWNLOADS, live_hub, tmp_path, {
         "repo": "alice/tickets", "cache": str(tmp_path / "cache"),
         "revisions": {"first_by_commit": revision_one["commit"], "first_by_number": "1",
                       "second_by_short_commit": revision_two["commit"][:12]}})
@@ -126,16 +119,17 @@ def test_hf_hub_download_snapshot_download_and_model_info_of_adapter_revisions(h
         "missing_revision": ["RevisionNotFoundError", 404],
         "missing_repo": ["RepositoryNotFoundError", 401],  # anonymous: the Hub's answer for missing and private
         "create_repo": ["HfHubHTTPError", 501],
+        "upload_file": ["HfHubHTTPError", 501],
     }
 
 
-def test_resolve_answers_head_and_range_with_the_headers_hub_clients_read(hub_url, demo_adapter):
+def test_resolve_answers_head_and_range_with_the_headers_hub_clients_read(live_hub, demo_adapter):
     from hub.models import Adapter
 
     path = next(p for p in demo_adapter("ticket-summarizer")["files"] if p.name == "adapter_model.safetensors")
     content, digest = path.read_bytes(), sha256_file(path)
     commit = Adapter.objects.get(name="ticket-summarizer").latest_revision.commit
-    url = f"{hub_url}/quiver-demo/ticket-summarizer/resolve/main/adapter_model.safetensors"
+    url = f"{live_hub}/quiver-demo/ticket-summarizer/resolve/main/adapter_model.safetensors"
 
     head = requests.head(url, headers={"Accept-Encoding": "identity"}, timeout=30)
     assert head.status_code == 200 and head.content == b""
@@ -185,7 +179,7 @@ print(json.dumps({
 """
 
 
-def test_peft_and_transformers_load_adapters_merges_and_bases_through_hf_endpoint(hub_url, celery_worker_process, alice,
+def test_peft_and_transformers_load_adapters_merges_and_bases_through_hf_endpoint(live_hub, celery_worker_process, alice,
                                                                                   client_for, demo_files, demo_adapter,
                                                                                   tmp_path):
     api = client_for(alice)
@@ -197,7 +191,7 @@ def test_peft_and_transformers_load_adapters_merges_and_bases_through_hf_endpoin
     assert job.result["repo_id"] == f"merges/{job.result['merge_id']}"
     base_dir = next(entry["dir"] for entry in demo_files["base_models"] if entry["name"] == "tiny-llama")
 
-    out = run_hf_client(PEFT_AND_MERGE, hub_url, tmp_path, {
+    out = run_hf_client(PEFT_AND_MERGE, live_hub, tmp_path, {
         "base_dir": str(base_dir), "repo": "quiver-demo/ticket-summarizer",
         "adapter_dir": str(demo_adapter("ticket-summarizer")["dir"]), "merge_repo": job.result["repo_id"],
         "base_repo": "quiver-demo/tiny-llama"})
@@ -209,7 +203,7 @@ def test_peft_and_transformers_load_adapters_merges_and_bases_through_hf_endpoin
 
 
 PRIVATE = """
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
 def attempt(**kwargs):
@@ -226,11 +220,12 @@ out = {
     "owner_from_hf_token": attempt(),
 }
 out["snapshot"] = sorted(p.name for p in Path(snapshot_download(args["repo"], cache_dir=args["cache"])).iterdir())
+out["whoami"] = HfApi().whoami()["name"]
 print(json.dumps(out))
 """
 
 
-def test_private_adapter_is_refused_without_its_owners_token_and_served_with_it(hub_url, alice, make_user, client_for,
+def test_private_adapter_is_refused_without_its_owners_token_and_served_with_it(live_hub, alice, make_user, client_for,
                                                                                demo_adapter, tmp_path):
     from hub.services.accounts import create_api_token
 
@@ -240,7 +235,7 @@ def test_private_adapter_is_refused_without_its_owners_token_and_served_with_it(
     assert created.status_code == 201
     bob = make_user("bob")
 
-    out = run_hf_client(PRIVATE, hub_url, tmp_path, {"repo": "alice/secret", "cache": str(tmp_path / "cache"),
+    out = run_hf_client(PRIVATE, live_hub, tmp_path, {"repo": "alice/secret", "cache": str(tmp_path / "cache"),
                                                      "bob_token": create_api_token(bob)},
                         hf_token=create_api_token(alice))
 
@@ -250,11 +245,12 @@ def test_private_adapter_is_refused_without_its_owners_token_and_served_with_it(
     weights = next(p for p in entry["files"] if p.name == "adapter_model.safetensors")
     assert out["owner_from_hf_token"] == sha256_file(weights)
     assert out["snapshot"] == sorted(p.name for p in entry["files"])
+    assert out["whoami"] == "alice"  # `hf auth whoami` confirms which Quiver user HF_TOKEN is
 
     # A private repo and a missing one get the same answer: existence is never revealed.
     for headers, status in (({}, 401), ({"Authorization": "Bearer " + create_api_token(bob)}, 404)):
         answers = []
         for repo in ("alice/secret", "alice/never-uploaded"):
-            response = requests.get(f"{hub_url}/api/models/{repo}", headers=headers, timeout=30)
+            response = requests.get(f"{live_hub}/api/models/{repo}", headers=headers, timeout=30)
             answers.append((response.status_code, response.headers["X-Error-Code"], response.json()["error"]["code"]))
         assert answers[0] == answers[1] == (status, "RepoNotFound", "repo_not_found")
