@@ -49,7 +49,7 @@ class Client:
     def request(self, method: str, path: str, **kwargs) -> requests.Response:
         try:
             response = self.session.request(method, self.url(path), timeout=kwargs.pop("timeout", 60), **kwargs)
-        except requests.ConnectionError as error:
+        except requests.RequestException as error:
             raise CliError(f"cannot reach Quiver at {self.endpoint} ({type(error).__name__})") from None
         if response.status_code >= 400:
             raise _server_error(method, path, response)
@@ -210,19 +210,25 @@ def _manifest_text(label: str, manifest: dict) -> str:
     return "\n".join([label] + [f"  {f['filename']}  {f['size']} B  sha256 {f['sha256']}" for f in manifest["files"]])
 
 
-def cmd_download(client: Client, args) -> tuple[dict, str]:
-    name, revision = split_ref(args.adapter)
+def download_repo(client: Client, ref: str, target: str | None) -> dict:
+    """Every file of an adapter revision or a merge into `target`, with its manifest beside them."""
+    name, revision = split_ref(ref)
     if name.startswith(MERGES):
         manifest = client.json("GET", f"/api/v1/merges/{name.removeprefix(MERGES)}/")
     else:
         manifest = client.json("GET", f"/api/v1/adapters/{name}/manifest",
                                params={"revision": revision} if revision else None)
-    target = Path(args.dir or name.replace("/", "--"))
-    target.mkdir(parents=True, exist_ok=True)
+    folder = Path(target or name.replace("/", "--"))
+    folder.mkdir(parents=True, exist_ok=True)
     for listed in manifest["files"]:
-        download_file(client, listed["url"], target / listed["filename"], listed["size"], listed["sha256"])
-    (target / "quiver-manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return {**manifest, "dir": str(target)}, f"{len(manifest['files'])} files in {target} (checked against sha256)"
+        download_file(client, listed["url"], folder / listed["filename"], listed["size"], listed["sha256"])
+    (folder / "quiver-manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return {**manifest, "dir": str(folder)}
+
+
+def cmd_download(client: Client, args) -> tuple[dict, str]:
+    downloaded = download_repo(client, args.adapter, args.dir)
+    return downloaded, f"{len(downloaded['files'])} files in {downloaded['dir']} (checked against sha256)"
 
 
 def cmd_compose(client: Client, args) -> tuple[dict, str]:
@@ -245,8 +251,7 @@ def cmd_merge(client: Client, args) -> tuple[dict, str]:
         return job, f"job {job['id']} {job['state']}"
     result = job["result"]
     if args.download:
-        args.adapter, args.dir = result["repo_id"], args.download
-        cmd_download(client, args)
+        download_repo(client, result["repo_id"], args.download)
     return job, f"{result['repo_id']} ({len(result['files'])} files)" + (f" in {args.download}" if args.download else "")
 
 
@@ -267,7 +272,12 @@ def cmd_jobs(client: Client, args) -> tuple[dict, str]:
 
 def cmd_which(client: Client, args) -> tuple[dict, str]:
     path = Path(args.file)
-    digest = path.name if not path.exists() and len(path.name) == 64 else sha256_of(path)
+    if path.is_file():
+        digest = sha256_of(path)
+    elif len(args.file) == 64:
+        digest = args.file  # a sha256 given directly (the server checks its form)
+    else:
+        raise CliError(f"{args.file}: no such file (give a file or its sha256)")
     found = client.json("GET", f"/api/v1/adapters/by-hash/{digest}")
     lines = [f"{m['adapter']}@{m['revision']} ({m['commit'][:12]}) {m['filename']}" + (" [latest]" if m["latest"] else "")
              for m in found["matches"]]

@@ -1,8 +1,6 @@
 """REST API v1. Views are thin: parse input, call a service or selector, shape output."""
 from __future__ import annotations
 
-import re
-
 from django.db import connection
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -15,7 +13,6 @@ from rest_framework.views import APIView
 from api import serializers as s
 from api.downloads import blob_download_response
 from hub import search, selectors
-from hub.errors import InvalidInput, NotFound
 from hub.services import compositions
 from kernels.compose import METHODS
 from hub.services import adapters as adapter_services
@@ -24,7 +21,6 @@ from hub.services.files import IncomingFile
 from workers import app as celery_app
 
 ADAPTER_FILTERS = ["base_model", "format", "tag", "license", "owner", "q"]
-SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def incoming_files(request) -> list[IncomingFile]:
@@ -144,11 +140,7 @@ class AdapterByHashView(APIView):
 
     @extend_schema(responses=s.ByHashResponseSerializer)
     def get(self, request, sha256):
-        if not SHA256.fullmatch(sha256):
-            raise InvalidInput("bad_sha256", "Give the file's sha256 as 64 hexadecimal characters.", field="sha256")
         holders = selectors.revisions_holding_file(request.user, sha256)
-        if not holders:
-            raise NotFound("file_not_registered", f"No adapter you can see has a file with sha256 {sha256.lower()}.")
         return Response({"sha256": sha256.lower(), "matches": s.FileHolderSerializer(holders, many=True).data})
 
 

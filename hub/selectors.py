@@ -2,6 +2,7 @@
 visibility is applied inside SQL, never after it."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -16,6 +17,7 @@ from hub.models import Adapter, BaseModel, Job, MergedCheckpoint, Revision, Revi
 # Merged checkpoints are Hub-style repositories named merges/<merge_id>; no one may upload to it.
 MERGES_NAMESPACE = "merges"
 MAX_UPDATE_CHECKS = 1000
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def visible_adapters(user) -> QuerySet[Adapter]:
@@ -152,12 +154,17 @@ def download_manifest(adapter: Adapter, revision: Revision) -> dict:
 
 
 def revisions_holding_file(user, sha256: str) -> list[RevisionFile]:
-    """Every visible adapter revision with a file of these bytes, newest first."""
-    return list(
+    """Every visible adapter revision with a file of these bytes, newest first (never empty)."""
+    if not SHA256.fullmatch(sha256):
+        raise InvalidInput("bad_sha256", "Give the file's sha256 as 64 hexadecimal characters.", field="sha256")
+    holders = list(
         RevisionFile.objects.select_related("revision__adapter__latest_revision", "blob")
         .filter(blob_id=sha256.lower(), revision__adapter__in=visible_adapters(user).values("id"))
         .order_by("-revision__created_at", "filename")
     )
+    if not holders:  # the same answer when only someone else's private adapter holds it
+        raise NotFound("file_not_registered", f"No adapter you can see has a file with sha256 {sha256.lower()}.")
+    return holders
 
 
 def _revision_json(revision: Revision) -> dict:

@@ -115,6 +115,8 @@ def test_which_finds_adapters_from_a_file_and_hides_private_ones(live_hub, alice
     rc, anonymous, _ = quiver(live_hub, "which", weights)
     assert rc == 0 and [(m["adapter"], m["revision"], m["latest"]) for m in anonymous["matches"]] == [
         ("quiver-demo/recipe-steps-dora", 1, True)]
+    rc, by_digest, _ = quiver(live_hub, "which", sha256_file(weights))
+    assert rc == 0 and by_digest == anonymous
     rc, owner, _ = quiver(live_hub, "which", weights, token=alice_token)
     assert {m["adapter"] for m in owner["matches"]} == {"quiver-demo/recipe-steps-dora", "alice/recipes-copy"}
     assert owner["sha256"] == sha256_file(weights)
