@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 import requests
 from requests_toolbelt.multipart.encoder import MultipartEncoder, MultipartEncoderMonitor
