@@ -254,3 +254,10 @@ def test_private_adapter_is_refused_without_its_owners_token_and_served_with_it(
             response = requests.get(f"{live_hub}/api/models/{repo}", headers=headers, timeout=30)
             answers.append((response.status_code, response.headers["X-Error-Code"], response.json()["error"]["code"]))
         assert answers[0] == answers[1] == (status, "RepoNotFound", "repo_not_found")
+
+
+def test_the_merges_namespace_is_reserved_for_merged_checkpoints(demo_bases, demo_adapter, make_user, client_for):
+    staff = client_for(make_user("root", is_staff=True))  # staff may write to any namespace but this one
+    response = staff.post("/api/v1/adapters/", upload_payload(demo_adapter("ticket-summarizer"), namespace="merges"),
+                          format="multipart")
+    assert response.status_code == 403 and response.json()["error"]["code"] == "namespace_reserved"
