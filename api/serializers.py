@@ -4,7 +4,7 @@ from __future__ import annotations
 from django.urls import reverse
 from rest_framework import serializers
 
-from hub.models import Adapter, BaseModel, Job, Revision, Visibility
+from hub.models import Adapter, BaseModel, GeneratorArtifact, Job, Revision, Visibility
 
 
 class CommaSeparatedListField(serializers.ListField):
@@ -193,6 +193,43 @@ class MergeRequestSerializer(serializers.Serializer):
     method = serializers.CharField(default="linear")
     params = serializers.DictField(required=False, default=dict)
     dtype = serializers.CharField(required=False, allow_null=True, default=None)
+
+
+class GenerationRequestSerializer(serializers.Serializer):
+    # Length and emptiness are checked by the service (the same rules serve the web form).
+    description = serializers.CharField(allow_blank=True, trim_whitespace=False,
+                                        help_text="the task, in words (at most 1000 characters)")
+    base_model = serializers.CharField(help_text="namespace/name of a base model with a trained generator")
+    method = serializers.ChoiceField(choices=GeneratorArtifact.Method.choices, default=GeneratorArtifact.Method.SG_LORA)
+    k = serializers.IntegerField(required=False, allow_null=True, default=None,
+                                 help_text="how many expert adapters condition the generation (1–32)")
+    namespace = serializers.CharField(required=False)
+    name = serializers.CharField(required=False)
+    visibility = serializers.ChoiceField(choices=Visibility.choices, default=Visibility.PUBLIC)
+
+
+class GeneratorTrainingRequestSerializer(serializers.Serializer):
+    base_model = serializers.CharField()
+    methods = serializers.ListField(child=serializers.ChoiceField(choices=GeneratorArtifact.Method.choices),
+                                    required=False, allow_empty=False)
+    steps = serializers.IntegerField(required=False, min_value=50, max_value=20000,
+                                     help_text="training steps (default 1500)")
+
+
+class GeneratorArtifactSerializer(serializers.ModelSerializer):
+    base_model = serializers.CharField(source="base_model.full_name")
+    label = serializers.CharField()
+    bytes = serializers.IntegerField(source="weights.size")
+    sha256 = serializers.CharField(source="weights_id")
+    experts = serializers.SerializerMethodField()
+
+    class Meta:
+        model = GeneratorArtifact
+        fields = ["id", "base_model", "method", "version", "label", "bytes", "sha256", "experts", "skipped",
+                  "settings", "curve", "created_at"]
+
+    def get_experts(self, artifact) -> list[str]:
+        return [expert["adapter"] for expert in artifact.experts]
 
 
 class ComposeMethodSerializer(serializers.Serializer):

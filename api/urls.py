@@ -24,6 +24,8 @@ urlpatterns = [
     re_path(r"^merges/(?P<merge_id>[0-9a-f]{64})/$", views.MergeDetailView.as_view(), name="merge-detail"),
     re_path(r"^merges/(?P<merge_id>[0-9a-f]{64})/files/(?P<filename>[^/]+)$", views.MergeFileView.as_view(),
             name="merge-file"),
+    path("generations/", views.GenerationCreateView.as_view(), name="generation-create"),
+    path("generators/", views.GeneratorListCreateView.as_view(), name="generator-list"),
     path("jobs/<uuid:job_id>/", views.JobDetailView.as_view(), name="job-detail"),
     path("health", views.HealthView.as_view(), name="health"),
 ]

@@ -13,7 +13,7 @@ from rest_framework.views import APIView
 from api import serializers as s
 from api.downloads import blob_download_response
 from hub import search, selectors
-from hub.services import compositions
+from hub.services import compositions, generations
 from kernels.compose import METHODS
 from hub.services import adapters as adapter_services
 from hub.services import base_models as base_model_services
@@ -185,6 +185,36 @@ class MergeCreateView(APIView):
         job = compositions.request_merge(user=request.user, **form.validated_data)
         reused = job.state == job.State.SUCCEEDED
         return Response(s.JobSerializer(job).data, status=status.HTTP_200_OK if reused else status.HTTP_202_ACCEPTED)
+
+
+class GenerationCreateView(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(request=s.GenerationRequestSerializer, responses={202: s.JobSerializer})
+    def post(self, request):
+        form = s.GenerationRequestSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        job = generations.request_generation(user=request.user, **form.validated_data)
+        return Response(s.JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class GeneratorListCreateView(APIView):
+    """Trained generators (GET, filter ?base_model=), and training requests (POST, base owner or staff)."""
+
+    def get_permissions(self):
+        return [IsAuthenticated()] if self.request.method == "POST" else [AllowAny()]
+
+    @extend_schema(parameters=[OpenApiParameter("base_model", str)], responses=s.GeneratorArtifactSerializer(many=True))
+    def get(self, request):
+        artifacts = selectors.generator_list(base_model=request.query_params.get("base_model"))
+        return Response(s.GeneratorArtifactSerializer(artifacts, many=True).data)
+
+    @extend_schema(request=s.GeneratorTrainingRequestSerializer, responses={202: s.JobSerializer(many=True)})
+    def post(self, request):
+        form = s.GeneratorTrainingRequestSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        jobs = generations.request_generator_training(user=request.user, **form.validated_data)
+        return Response(s.JobSerializer(jobs, many=True).data, status=status.HTTP_202_ACCEPTED)
 
 
 class MergeDetailView(APIView):

@@ -196,7 +196,6 @@ def warm_read(path: Path) -> None:
 
 def max_abs_diff(ours: Path, theirs: Path) -> tuple[float, int, int]:
     """(max |a − b|, elements that differ, elements) over every tensor, one tensor at a time."""
-    import torch
     from safetensors import safe_open
 
     def locations(folder: Path) -> dict[str, Path]:

@@ -200,6 +200,39 @@ class EncoderArtifact(models.Model):
         return f"{self.version}@{self.weights_id[:12]}"
 
 
+class GeneratorArtifact(models.Model):
+    """A trained LoRA generator (SG-LoRA or ICM-LoRA) for one base model: its
+    tensors in blob storage, the layout it generates, the experts it learned
+    from (and those skipped, with the reason), and its training curve. The
+    newest version per (base model, method) serves generation requests."""
+
+    class Method(models.TextChoices):
+        SG_LORA = "sg-lora"
+        ICM_LORA = "icm-lora"
+
+    base_model = models.ForeignKey(BaseModel, on_delete=models.CASCADE, related_name="generators")
+    method = models.CharField(max_length=16, choices=Method.choices)
+    version = models.PositiveIntegerField()
+    weights = models.ForeignKey(Blob, on_delete=models.PROTECT, related_name="+")
+    layout = models.JSONField()  # [{path, rank, out_features, in_features, scale}]
+    experts = models.JSONField()  # [{adapter_id, adapter, revision_id, revision}] in generator order
+    skipped = models.JSONField(default=list)  # [{adapter, reason}]
+    settings = models.JSONField(default=dict)
+    curve = models.JSONField(default=list)  # [{step, train_loss, validation_error}]
+    job = models.OneToOneField("Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["base_model", "method", "version"], name="generator_version_unique"),
+        ]
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}@v{self.version}"
+
+
 class MergedCheckpoint(models.Model):
     """A base model with adapters merged in, stored once per distinct request
     (`key` = sha256 over the base weights, adapter revisions, weights, method, dtype)."""
@@ -228,6 +261,8 @@ class Job(models.Model):
         TRAIN_WEIGHT_ENCODER = "train_weight_encoder"
         COMPOSE = "compose"
         MERGE = "merge"
+        TRAIN_GENERATOR = "train_generator"
+        GENERATE = "generate"
 
     class State(models.TextChoices):
         QUEUED = "queued"

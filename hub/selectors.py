@@ -12,7 +12,7 @@ from django.db.models import Q, QuerySet
 from hub import formats
 from hub.blobs import blobs_on_disk, manifest_commit
 from hub.errors import InvalidInput, NotFound
-from hub.models import Adapter, BaseModel, Job, MergedCheckpoint, Revision, RevisionFile, Visibility
+from hub.models import Adapter, BaseModel, GeneratorArtifact, Job, MergedCheckpoint, Revision, RevisionFile, Visibility
 
 # Merged checkpoints are Hub-style repositories named merges/<merge_id>; no one may upload to it.
 MERGES_NAMESPACE = "merges"
@@ -104,6 +104,18 @@ def get_base_model(full_name: str) -> BaseModel:
         raise NotFound("base_model_not_found", f"No base model {full_name!r} is registered.")
     return found
 
+
+def generator_list(*, base_model: str | None = None) -> QuerySet[GeneratorArtifact]:
+    artifacts = GeneratorArtifact.objects.select_related("base_model", "weights")
+    if base_model:
+        namespace, _, name = base_model.partition("/")
+        artifacts = artifacts.filter(base_model__namespace=namespace, base_model__name=name)
+    return artifacts.order_by("base_model__namespace", "base_model__name", "method", "-version")
+
+
+def latest_generator(base: BaseModel, method: str):
+    """The newest trained generator of a method for a base model, or None."""
+    return base.generators.filter(method=method).select_related("weights").first()
 
 
 def visible_jobs(user) -> QuerySet[Job]:

@@ -24,6 +24,24 @@ def demo_files():
     return build_demo_files(ROOT / "var" / "demo-cache")
 
 
+@pytest.fixture(scope="session")
+def small_zoo():
+    """The small LoRA zoo (13 tasks, real PEFT training), built once and kept under var/test
+    (a rerun resumes or reuses it): its folder."""
+    import torch
+
+    from generation.zoo.build import build_zoo
+
+    zoo_dir = ROOT / "var" / "test" / "zoo-small"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: one thread is faster than two fighting the worker
+    try:
+        build_zoo(zoo_dir, "small", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return zoo_dir
+
+
 @pytest.fixture
 def make_user(db):
     from django.contrib.auth import get_user_model
@@ -133,8 +151,7 @@ def demo_bases(db, demo_files):
 def live_hub(live_server, demo_files) -> str:
     """The hub on a live test server (a thread of this process, on the test database) with the demo
     catalog registered: the base URL for real HTTP clients (huggingface_hub, PEFT, the quiver CLI)."""
-    import workers  # noqa: F401  the Celery app the uploads' jobs are sent through (else Celery's default)
-    from hub.management.commands.seed_demo import seed_catalog
+    from hub.services.catalog import seed_catalog
 
     seed_catalog(demo_files, log=lambda message: None)
     return live_server.url

@@ -6,7 +6,6 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from tests.conftest import stored_state, upload_payload

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture
 def registry(celery_worker_process, demo_files):
-    from hub.management.commands.seed_demo import seed_catalog
+    from hub.services.catalog import seed_catalog
 
     seed_catalog(demo_files, log=lambda message: None)
     return demo_files

@@ -1,6 +1,5 @@
 """The health endpoint checks the real database and the real broker."""
 import pytest
-from django.test import override_settings
 
 
 @pytest.mark.django_db

@@ -20,7 +20,7 @@ def wait_for_all_jobs():
 @pytest.fixture
 def registry(celery_worker_process, demo_files):
     """The demo registry, registered through the services and embedded by the worker."""
-    from hub.management.commands.seed_demo import seed_catalog
+    from hub.services.catalog import seed_catalog
 
     seed_catalog(demo_files, log=lambda message: None)
     wait_for_all_jobs()

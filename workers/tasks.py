@@ -3,7 +3,7 @@ acks_late + reject_on_worker_lost (settings) make a killed worker's task run aga
 hub.services.jobs.run_job makes that rerun safe. Queues are chosen by hub.services.jobs.TASKS."""
 from celery import shared_task
 
-from hub.services import cleanup, compositions, embeddings
+from hub.services import cleanup, compositions, embeddings, generations
 from hub.services.analysis import analyze_revision_job
 from hub.services.jobs import run_job
 
@@ -24,6 +24,8 @@ reembed_all = job_task("reembed_all", embeddings.reembed_all_job)
 train_weight_encoder = job_task("train_weight_encoder", embeddings.train_weight_encoder_job)
 compose = job_task("compose", compositions.compose_job)
 merge = job_task("merge", compositions.merge_job)
+train_generator = job_task("train_generator", generations.train_generator_job)
+generate_adapter = job_task("generate_adapter", generations.generate_job)
 
 
 @shared_task(name="workers.tasks.sweep_orphan_blobs")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
@@ -147,6 +149,32 @@ def upload_adapter(
     except IntegrityError:
         raise Conflict("concurrent_upload", f"{namespace}/{name} was being created by another upload; try again.") from None
     return revision
+
+
+def check_new_adapter(user, namespace: str, name: str, visibility: str) -> None:
+    """Checks for an adapter a job will create: a valid, free name the user may write, a known visibility."""
+    check_slug(namespace, "namespace")
+    check_slug(name, "name")
+    check_namespace_owner(user, namespace)
+    if visibility not in Visibility.values:
+        raise InvalidInput("bad_visibility", f"visibility must be one of {Visibility.values}.", field="visibility")
+    if Adapter.objects.filter(namespace=namespace, name=name).exists():
+        raise Conflict("adapter_exists", f"{namespace}/{name} already exists; pick another name.", field="name")
+
+
+def adapter_made_by(job) -> Adapter | None:
+    """The adapter a (retried) job already created, if any."""
+    return Adapter.objects.filter(namespace=job.params["namespace"], name=job.params["name"],
+                                  provenance__job=str(job.id)).first()
+
+
+def upload_canonical_adapter(adapter: formats.CanonicalAdapter, *, user, base: BaseModel, **metadata) -> Revision:
+    """Store an adapter made by the hub (composed, generated) as PEFT files, through the same
+    validation as any upload."""
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = formats.write_peft_adapter(adapter, Path(scratch), base_model_name_or_path=base.full_name)
+        return upload_adapter(user=user, base_model=base.full_name,
+                              files=[IncomingFile.from_path(path, disposable=True) for path in paths], **metadata)
 
 
 def _check_same_base(namespace: str, name: str, base: BaseModel | None, adapter: Adapter | None = None) -> None:

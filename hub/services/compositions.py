@@ -19,13 +19,12 @@ from pathlib import Path
 from django.db import transaction
 from django.urls import reverse
 
-from hub import formats
 from hub.blobs import blobs_on_disk
-from hub.errors import Conflict, InvalidInput, NotFound
+from hub.errors import InvalidInput, NotFound
 from hub.models import Adapter, BaseModel, Job, MergedCheckpoint, MergedFile, Revision, Visibility
 from hub.selectors import (MERGES_NAMESPACE, base_model_commit, get_adapter, get_base_model, get_revision,
                            load_revision_adapter, merge_recipe)
-from hub.services.adapters import check_namespace_owner, check_slug, upload_adapter
+from hub.services.adapters import adapter_made_by, check_new_adapter, upload_canonical_adapter
 from hub.services.files import IncomingFile, store_blobs
 from hub.services.jobs import JobReporter, enqueue_job
 from kernels.compose import METHODS, compose_adapters
@@ -104,13 +103,7 @@ def request_composition(*, user, adapters: list[dict], method: str, params: dict
     namespace = namespace or user.username
     digest = hashlib.sha256(json.dumps([[i.as_json() for i in inputs], method, params], sort_keys=True).encode())
     name = name or f"composed-{method.replace('_', '-')}-{digest.hexdigest()[:8]}"
-    check_slug(namespace, "namespace")
-    check_slug(name, "name")
-    check_namespace_owner(user, namespace)
-    if visibility not in Visibility.values:
-        raise InvalidInput("bad_visibility", f"visibility must be one of {Visibility.values}.", field="visibility")
-    if Adapter.objects.filter(namespace=namespace, name=name).exists():
-        raise Conflict("adapter_exists", f"{namespace}/{name} already exists; pick another name.", field="name")
+    check_new_adapter(user, namespace, name, visibility)
     return enqueue_job(kind=Job.Kind.COMPOSE, owner=user, params={
         "adapters": [i.as_json() for i in inputs], "method": method, "params": params, "namespace": namespace,
         "name": name, "description": description, "visibility": visibility})
@@ -142,8 +135,8 @@ def base_weight_reader(base: BaseModel):
 
 def compose_job(job: Job, reporter: JobReporter) -> dict:
     spec = job.params
-    existing = Adapter.objects.filter(namespace=spec["namespace"], name=spec["name"]).first()
-    if existing is not None and existing.provenance.get("job") == str(job.id):
+    existing = adapter_made_by(job)
+    if existing is not None:
         return {"namespace": existing.namespace, "name": existing.name}  # a retried job that already finished
     inputs = _job_inputs(job)
     base = inputs[0].adapter.base_model
@@ -157,13 +150,10 @@ def compose_job(job: Job, reporter: JobReporter) -> dict:
                   "exact": bool(report.get("exact", METHODS[spec["method"]].exact)), "parents": [
                       {k: ref[k] for k in ("adapter", "revision", "commit", "weight")} for ref in spec["adapters"]],
                   "report": report}
-    with tempfile.TemporaryDirectory() as scratch:
-        paths = formats.write_peft_adapter(composed, Path(scratch), base_model_name_or_path=base.full_name)
-        revision = upload_adapter(
-            user=job.owner, namespace=spec["namespace"], name=spec["name"], base_model=base.full_name,
-            description=spec["description"] or _composed_description(spec), visibility=spec["visibility"],
-            tags=["composed", spec["method"].replace("_", "-")], provenance=provenance,
-            files=[IncomingFile.from_path(path, disposable=True) for path in paths])
+    revision = upload_canonical_adapter(
+        composed, user=job.owner, base=base, namespace=spec["namespace"], name=spec["name"],
+        description=spec["description"] or _composed_description(spec), visibility=spec["visibility"],
+        tags=["composed", spec["method"].replace("_", "-")], provenance=provenance)
     return {"namespace": revision.adapter.namespace, "name": revision.adapter.name, "revision": revision.number,
             "exact": provenance["exact"], "report": report}
 

@@ -26,6 +26,10 @@ TASKS: dict[str, tuple[str, str]] = {
     Job.Kind.TRAIN_WEIGHT_ENCODER: ("workers.tasks.train_weight_encoder", "gpu"),
     Job.Kind.COMPOSE: ("workers.tasks.compose", "gpu"),
     Job.Kind.MERGE: ("workers.tasks.merge", "gpu"),
+    Job.Kind.TRAIN_GENERATOR: ("workers.tasks.train_generator", "gpu"),
+    # Generating is a forward pass of a small network (well under a second on a CPU):
+    # the default queue keeps requests from waiting behind merges and training.
+    Job.Kind.GENERATE: ("workers.tasks.generate_adapter", "default"),
 }
 
 

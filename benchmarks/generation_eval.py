@@ -1,0 +1,133 @@
+"""Generated adapters on held-out zoo tasks (issue: SG-LoRA / ICM-LoRA).
+
+For each held-out task of the LoRA zoo (unseen (category, language) pairs, and
+tasks whose category or language no expert has seen), with only the task's
+description as input:
+  base      the frozen classifier alone
+  nearest   the expert whose task embedding is closest to the description
+  average   the uniform average of the top-k experts' updates (exact Σ ΔWᵢ / k)
+  sg-lora   SG-LoRA trained on the training experts (generation/generators.py)
+  icm-lora  ICM-LoRA likewise
+  oracle    the adapter trained on the task itself
+Recovered gain = (acc − base) / (oracle − base), averaged over tasks.
+Also: generation latency per request (embed + generate + write PEFT files) and
+the generators' storage as a fraction of the zoo's training adapters.
+
+    python benchmarks/generation_eval.py [--zoo var/zoo/full] [--size full|small] [--per-task]
+Builds (or finishes) the zoo first if needed (resumable, ~40 s per adapter on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from generation import generators, lora_layout  # noqa: E402
+from generation.text_encoder import embed_texts  # noqa: E402
+from generation.zoo.build import build_zoo  # noqa: E402
+from generation.zoo.evaluate import AdapterScorer, zoo_adapters  # noqa: E402
+from hub.formats import write_peft_adapter  # noqa: E402
+
+METHODS = ("base", "nearest", "average", "sg-lora", "icm-lora", "oracle")
+
+
+def averaged(adapters, weights):
+    """Σ wᵢ·ΔWᵢ as one canonical adapter (factors stacked: exact)."""
+    from kernels.compose import compose_adapters
+
+    composed, _ = compose_adapters(adapters, weights, "linear")
+    return composed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", type=Path, default=None)
+    parser.add_argument("--size", choices=("full", "small"), default="full")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="generator training steps (default: the generator's)")
+    parser.add_argument("--per-task", action="store_true", help="also print one line per task")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("QUIVER_BENCH_THREADS", 1)))
+    zoo_dir = args.zoo or ROOT / "var" / "zoo" / args.size
+    build_zoo(zoo_dir, args.size)
+
+    experts = zoo_adapters(zoo_dir, ("train",))
+    held_out = zoo_adapters(zoo_dir, ("unseen_pair", "unseen_part"))
+    layout = lora_layout.dominant_layout([adapter for _, adapter in experts])
+    params = torch.stack([lora_layout.flatten(adapter, layout) for _, adapter in experts])
+    texts = [embed_texts(list(task.texts)) for task, _ in experts]
+
+    settings = generators.GeneratorSettings(k=args.k)
+    if args.steps:
+        settings.steps = args.steps
+    trained, train_seconds, storage = {}, {}, {}
+    for method in generators.METHODS:
+        started = time.perf_counter()
+        trained[method], _ = generators.train_generator(method, params, texts, settings)
+        train_seconds[method] = time.perf_counter() - started
+        buffer = io.BytesIO()
+        trained[method].save(buffer)
+        storage[method] = buffer.tell()
+    zoo_bytes = sum((zoo_dir / "adapters" / task.slug / "adapter_model.safetensors").stat().st_size for task, _ in experts)
+
+    scorer = AdapterScorer(zoo_dir / "base")
+    bank = trained["sg-lora"].bank
+    rows = []
+    for task, oracle in held_out:
+        query = embed_texts([task.description])[0]
+        index = bank.neighbours(query[None], args.k, settings.temperature)[0][0].tolist()
+        top = [experts[i][1] for i in index]
+        candidates = {"base": None, "nearest": top[0], "average": averaged(top, [1 / len(top)] * len(top)),
+                      "oracle": oracle}
+        for method, generator in trained.items():
+            vector, _ = generator.generate(query)
+            candidates[method] = lora_layout.unflatten(vector, layout)
+        accuracy = {method: scorer.accuracy(task, adapter) for method, adapter in candidates.items()}
+        rows.append({"task": task.slug, "split": task.split, "accuracy": accuracy,
+                     "nearest_expert": experts[index[0]][0].slug})
+        if args.per_task:
+            print(json.dumps({"bench": "generation_task", **rows[-1]}), flush=True)
+
+    for split in ("unseen_pair", "unseen_part"):
+        chosen = [row for row in rows if row["split"] == split]
+        for method in METHODS:
+            gains = []
+            for row in chosen:
+                acc = row["accuracy"]
+                span = acc["oracle"] - acc["base"]
+                gains.append((acc[method] - acc["base"]) / span if abs(span) > 1e-9 else 0.0)
+            print(json.dumps({
+                "bench": "generation", "method": method, "split": split,
+                "mean_accuracy": round(statistics.mean(row["accuracy"][method] for row in chosen), 4),
+                "mean_recovered_gain": round(statistics.mean(gains), 4), "n_tasks": len(chosen)}), flush=True)
+
+    # Latency of one request with a trained generator: embed, generate, write PEFT files.
+    for method, generator in trained.items():
+        timings = []
+        for task, _ in held_out:
+            started = time.perf_counter()
+            vector, _ = generator.generate(embed_texts([task.description])[0])
+            with tempfile.TemporaryDirectory() as scratch:
+                write_peft_adapter(lora_layout.unflatten(vector, layout), Path(scratch))
+            timings.append(time.perf_counter() - started)
+        timings.sort()
+        print(json.dumps({"bench": "generation_latency", "method": method, "n": len(timings),
+                          "p50_s": round(timings[len(timings) // 2], 4), "max_s": round(timings[-1], 4),
+                          "train_s": round(train_seconds[method], 1), "generator_bytes": storage[method],
+                          "zoo_adapter_bytes": zoo_bytes,
+                          "storage_fraction": round(storage[method] / zoo_bytes, 4)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

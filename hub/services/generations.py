@@ -1,0 +1,197 @@
+"""Generated adapters: train SG-LoRA / ICM-LoRA generators on a base model's
+public adapters, and turn a task description into a new adapter.
+
+The math lives in generation/ (no Django); this module picks the population,
+stores artifacts, validates requests and records provenance. Only public
+adapters with a description are experts: a generated adapter, and the experts
+its provenance lists, must never reveal a private adapter. Adapters the hub
+generated are not experts either (a generator must not learn from itself).
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from django.db import transaction
+from django.db.models import Max
+
+from generation import generators, lora_layout
+from generation.text_encoder import embed_texts
+from hub.blobs import blobs_on_disk
+from hub.errors import Conflict, Forbidden, InvalidInput
+from hub.models import Adapter, BaseModel, GeneratorArtifact, Job, Visibility
+from hub.selectors import get_base_model, latest_generator, load_revision_adapter
+from hub.services.adapters import adapter_made_by, check_new_adapter, upload_canonical_adapter
+from hub.services.files import IncomingFile, store_blobs
+from hub.services.jobs import JobReporter, enqueue_job
+
+MIN_EXPERTS = 4
+MAX_DESCRIPTION_CHARS = 1000  # a task description, not a document: MiniLM reads 256 tokens at most
+MAX_K = 32
+_SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
+
+
+def expert_texts(description: str) -> list[str]:
+    """The texts an expert is known by: its whole description and, when it has
+    several sentences (paraphrases), each of them (at most 4)."""
+    sentences = [s.strip() for s in _SENTENCE_END.split(description.strip()) if s.strip()]
+    return [description.strip(), *sentences[:4]] if len(sentences) > 1 else [description.strip()]
+
+
+def expert_candidates(base: BaseModel) -> list[Adapter]:
+    return list(
+        Adapter.objects.filter(base_model=base, visibility=Visibility.PUBLIC, latest_revision__isnull=False)
+        .exclude(description="").exclude(provenance__kind="generation")
+        .select_related("latest_revision").order_by("id")
+    )
+
+
+# ----------------------------------------------------------------------
+# Training
+
+
+def request_generator_training(*, user, base_model: str, methods: list[str] | None = None,
+                               steps: int | None = None) -> list[Job]:
+    """Training costs a worker minutes, so only the base model's owner or staff may ask for it."""
+    base = get_base_model(base_model)
+    if user is None or not (user.is_staff or base.owner_id == user.id):
+        raise Forbidden("not_base_owner", f"Only the owner of {base.full_name} or staff may train its generators.")
+    methods = methods or list(generators.METHODS)
+    unknown = [m for m in methods if m not in generators.METHODS]
+    if unknown:
+        raise InvalidInput("unknown_method", f"Unknown method {unknown[0]!r}; use one of {list(generators.METHODS)}.",
+                           field="method")
+    if len(expert_candidates(base)) < MIN_EXPERTS:
+        raise Conflict("too_few_experts", f"{base.full_name} needs at least {MIN_EXPERTS} public adapters with "
+                                          f"descriptions to train a generator.", field="base_model")
+    settings = {"steps": steps} if steps else {}
+    return [enqueue_job(kind=Job.Kind.TRAIN_GENERATOR, owner=user,
+                        params={"base_model_id": base.id, "method": m, "settings": settings}) for m in methods]
+
+
+def _population(base: BaseModel, reporter: JobReporter):
+    """Experts in the dominant layout (params n × D, text embeddings), their references, and the skipped."""
+    candidates = expert_candidates(base)
+    parsed = []
+    for index, adapter in enumerate(candidates):
+        parsed.append(load_revision_adapter(adapter.latest_revision))
+        reporter.progress(0.1 * (index + 1) / len(candidates), f"read {index + 1}/{len(candidates)} adapters")
+    if not parsed:
+        raise ValueError(f"{base.full_name} has no public adapters with descriptions")
+    layout = lora_layout.dominant_layout(parsed)
+    experts, skipped, params, texts = [], [], [], []
+    for adapter, canonical in zip(candidates, parsed):
+        reason = layout.mismatch(canonical)
+        if reason:
+            skipped.append({"adapter": adapter.full_name, "reason": reason})
+            continue
+        experts.append({"adapter_id": adapter.id, "adapter": adapter.full_name,
+                        "revision_id": adapter.latest_revision_id, "revision": adapter.latest_revision.number})
+        params.append(lora_layout.flatten(canonical, layout))
+        texts.append(embed_texts(expert_texts(adapter.description)))
+    if len(experts) < MIN_EXPERTS:
+        raise ValueError(f"only {len(experts)} adapters share one layout; a generator needs {MIN_EXPERTS}")
+    return layout, experts, skipped, torch.stack(params), texts
+
+
+def train_generator_job(job: Job, reporter: JobReporter) -> dict:
+    existing = GeneratorArtifact.objects.filter(job=job).first()
+    if existing is not None:  # a redelivered job that already stored its artifact
+        return _training_result(existing)
+    base = BaseModel.objects.get(id=job.params["base_model_id"])
+    method = job.params["method"]
+    layout, experts, skipped, params, texts = _population(base, reporter)
+    settings = generators.GeneratorSettings(**job.params.get("settings", {}))
+    generator, curve = generators.train_generator(
+        method, params, texts, settings,
+        progress=lambda fraction, point: reporter.progress(0.1 + 0.85 * fraction, f"step {point['step']}: "
+                                                           f"validation error {point['validation_error']:.3g}"))
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / f"{method}.safetensors"
+        with open(path, "wb") as handle:
+            generator.save(handle, extra={"base_model": base.full_name, "layout": layout.as_json(),
+                                          "alpha": layout.slots[0].scale * layout.slots[0].rank})
+        incoming = IncomingFile.from_path(path, disposable=True)
+        blob = store_blobs([incoming])[incoming.name]
+    with transaction.atomic():
+        BaseModel.objects.select_for_update().get(id=base.id)  # serialises version numbers per base model
+        version = (base.generators.filter(method=method).aggregate(v=Max("version"))["v"] or 0) + 1
+        artifact = GeneratorArtifact.objects.create(
+            base_model=base, method=method, version=version, weights=blob, layout=layout.as_json(),
+            experts=experts, skipped=skipped, settings=generator.settings.__dict__, curve=curve, job=job)
+    return _training_result(artifact)
+
+
+def _training_result(artifact: GeneratorArtifact) -> dict:
+    return {"generator": artifact.label, "base_model": artifact.base_model.full_name, "experts": len(artifact.experts),
+            "skipped": artifact.skipped, "final": artifact.curve[-1] if artifact.curve else None,
+            "bytes": artifact.weights.size}
+
+
+# ----------------------------------------------------------------------
+# Generation
+
+
+def _slugify(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "task"
+
+
+def request_generation(*, user, description, base_model, method, k=None, visibility=Visibility.PUBLIC,
+                       namespace: str | None = None, name: str | None = None) -> Job:
+    if not isinstance(description, str) or not description.strip():
+        raise InvalidInput("empty_description", "Describe the task the adapter should do.", field="description")
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise InvalidInput("description_too_long", f"A task description has at most {MAX_DESCRIPTION_CHARS} "
+                                                   f"characters; this one has {len(description)}.", field="description")
+    if method not in generators.METHODS:
+        raise InvalidInput("unknown_method", f"method must be one of {list(generators.METHODS)}.", field="method")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K):
+        raise InvalidInput("bad_k", f"k must be an integer from 1 to {MAX_K}.", field="k")
+    base = get_base_model(base_model)
+    artifact = latest_generator(base, method)
+    if artifact is None:
+        raise Conflict("no_generator", f"{base.full_name} has no trained {method} generator yet; its owner can train "
+                                       f"one with POST /api/v1/generators/.", field="base_model")
+    namespace = namespace or user.username
+    name = name or f"generated-{_slugify(description)}-{uuid.uuid4().hex[:6]}"
+    check_new_adapter(user, namespace, name, visibility)
+    return enqueue_job(kind=Job.Kind.GENERATE, owner=user, params={
+        "description": description.strip(), "base_model_id": base.id, "method": method, "generator_id": artifact.id,
+        "k": k, "namespace": namespace, "name": name, "visibility": visibility})
+
+
+@lru_cache(maxsize=8)
+def _load_generator(sha256: str):
+    with blobs_on_disk({"generator.safetensors": sha256}) as paths:
+        return generators.load_generator(paths["generator.safetensors"].read_bytes())
+
+
+def generate_job(job: Job, reporter: JobReporter) -> dict:
+    spec = job.params
+    existing = adapter_made_by(job)
+    if existing is not None:
+        return {"namespace": existing.namespace, "name": existing.name}
+    artifact = GeneratorArtifact.objects.select_related("base_model").get(id=spec["generator_id"])
+    generator, extra = _load_generator(artifact.weights_id)
+    reporter.progress(0.2, "generating")
+    query = embed_texts([spec["description"]])[0]
+    vector, used = generator.generate(query, k=spec.get("k"))
+    layout = lora_layout.Layout.from_json(artifact.layout)
+    adapter = lora_layout.unflatten(vector, layout, alpha=extra.get("alpha"))
+    provenance = {
+        "kind": "generation", "job": str(job.id), "method": artifact.method, "generator": artifact.label,
+        "generator_id": artifact.id, "description": spec["description"],
+        "experts": [{**{k: artifact.experts[i][k] for k in ("adapter", "revision")}, "weight": round(w, 6)}
+                    for i, w in used],
+    }
+    reporter.progress(0.6, "storing the adapter")
+    revision = upload_canonical_adapter(
+        adapter, user=job.owner, base=artifact.base_model, namespace=spec["namespace"], name=spec["name"],
+        description=spec["description"], visibility=spec["visibility"], tags=["generated", artifact.method],
+        provenance=provenance)
+    return {"namespace": revision.adapter.namespace, "name": revision.adapter.name, "revision": revision.number,
+            "generator": artifact.label, "experts": provenance["experts"]}
