@@ -3,12 +3,25 @@ visibility is applied inside SQL, never after it."""
 from __future__ import annotations
 
 from django.contrib.postgres.search import SearchQuery
+from django.db import connection
 from django.db.models import Q, QuerySet
+from knox.models import AuthToken
 
 from hub import formats
-from hub.blobs import blobs_on_disk
+from hub.blobs import blobs_on_disk, open_blob
 from hub.errors import NotFound
-from hub.models import Adapter, BaseModel, Job, Revision, Visibility
+from hub.models import Adapter, BaseModel, Job, Revision, RevisionPlot, Visibility
+from kernels.compose import METHODS
+
+# Orderings of adapter lists: name → ORDER BY (id last, so pages never overlap).
+ADAPTER_SORTS = {
+    "updated": ("-updated_at", "id"),
+    "created": ("-created_at", "id"),
+    "name": ("namespace", "name", "id"),
+    "largest": ("-parameter_count", "id"),
+    "smallest": ("parameter_count", "id"),
+}
+README_MAX_BYTES = 512 * 1024
 
 
 def visible_adapters(user) -> QuerySet[Adapter]:
@@ -29,6 +42,7 @@ def adapter_list(
     license: str | None = None,
     owner: str | None = None,
     q: str | None = None,
+    sort: str = "updated",
 ) -> QuerySet[Adapter]:
     adapters = visible_adapters(user)
     if base_model:
@@ -49,7 +63,28 @@ def adapter_list(
             | Q(name__icontains=q)
             | Q(tags__icontains=q)
         )
-    return adapters.order_by("-updated_at", "id")
+    return adapters.order_by(*ADAPTER_SORTS.get(sort, ADAPTER_SORTS["updated"]))
+
+
+def adapter_facets(user, *, top_tags: int = 40) -> dict[str, list[str]]:
+    """Values to filter the adapters `user` may see by: formats, licenses, the most used tags."""
+    visible = visible_adapters(user).order_by()
+    tags_sql, params = visible.values("tags").query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT tag FROM ({tags_sql}) AS visible, unnest(visible.tags) AS tag "
+                       "GROUP BY tag ORDER BY count(*) DESC, tag LIMIT %s", [*params, top_tags])
+        tags = [row[0] for row in cursor.fetchall()]
+    return {
+        "formats": list(visible.values_list("format", flat=True).distinct().order_by("format")),
+        "licenses": list(visible.exclude(license="").values_list("license", flat=True).distinct().order_by("license")),
+        "tags": sorted(tags),
+    }
+
+
+def adapter_names(user, *, limit: int = 500) -> list[str]:
+    """namespace/name of adapters `user` may see (suggestions when picking adapters to combine)."""
+    return [f"{namespace}/{name}" for namespace, name in
+            visible_adapters(user).order_by("namespace", "name").values_list("namespace", "name")[:limit]]
 
 
 def get_adapter(user, namespace: str, name: str) -> Adapter:
@@ -76,6 +111,26 @@ def get_revision(adapter: Adapter, revision: str | None) -> Revision:
     return found
 
 
+def revision_readme(revision: Revision) -> str | None:
+    """The text of a revision's README.md (the model card), when it has a small one."""
+    readme = revision.files.select_related("blob").filter(filename__iexact="README.md").first()
+    if readme is None or readme.size > README_MAX_BYTES:
+        return None
+    with open_blob(readme.sha256) as handle:
+        return handle.read().decode("utf-8", errors="replace")
+
+
+def revision_plot_kinds(revision: Revision) -> list[str]:
+    return list(revision.plots.order_by("kind").values_list("kind", flat=True))
+
+
+def get_revision_plot(revision: Revision, kind: str) -> RevisionPlot:
+    found = revision.plots.filter(kind=kind).first()
+    if found is None:
+        raise NotFound("plot_not_found", f"Revision {revision.number} has no {kind!r} plot yet.")
+    return found
+
+
 def get_stored_file(files, filename: str, owner_label: str):
     """One file of a revision, base model or merge (`files`: its related manager)."""
     found = files.select_related("blob").filter(filename=filename).first()
@@ -95,6 +150,16 @@ def get_base_model(full_name: str) -> BaseModel:
         raise NotFound("base_model_not_found", f"No base model {full_name!r} is registered.")
     return found
 
+
+
+def compose_methods():
+    """Every composition method (kernels.compose.METHODS): name, exactness, parameters, description."""
+    return list(METHODS.values())
+
+
+def api_tokens(user) -> QuerySet[AuthToken]:
+    """The user's API tokens (knox keeps a hash and an 8-character prefix, never the key)."""
+    return AuthToken.objects.filter(user=user).order_by("-created")
 
 
 def visible_jobs(user) -> QuerySet[Job]:

@@ -31,6 +31,10 @@ def test_upload_is_analysed_by_a_real_worker_and_job_is_visible_to_its_owner(
     for module in spectra.values():
         values = module["singular_values"]
         assert len(values) == module["rank"] == 8 and values == sorted(values, reverse=True) and values[0] > 0
+    # The adapter page's pictures are rendered once, by the same job.
+    plots = {plot.kind: plot.svg for plot in revision.plots.all()}
+    assert set(plots) == {"spectrum", "layer-norms"} and all("<svg" in svg for svg in plots.values())
+    assert "q_proj" in plots["spectrum"]  # the legend names the module kinds
     # Jobs are private to their owner.
     assert client_for(make_user("bob")).get(f"/api/v1/jobs/{job.id}/").status_code == 404
     assert client_for(None).get(f"/api/v1/jobs/{job.id}/").status_code == 401

@@ -1,0 +1,57 @@
+"""Web pages through Django's test client: sign-in rules, API tokens, form errors
+from the services shown beside their fields, job pages private to their owner."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.django_db
+
+
+def test_writing_pages_ask_to_sign_in_and_reading_pages_do_not(client):
+    for path in ("/upload/", "/compose/", "/merge/", "/account/tokens/"):
+        response = client.get(path)
+        assert response.status_code == 302 and response["Location"] == f"/account/sign-in/?next={path}"
+    assert client.get("/").status_code == 200
+    assert client.get("/adapters/nobody/nothing/").status_code == 404
+
+
+def test_api_tokens_page_creates_lists_and_revokes_tokens(client, make_user):
+    from knox.models import AuthToken
+    from rest_framework.test import APIClient
+
+    client.force_login(make_user("alice"))
+    created = client.post("/account/tokens/", {"create": "1"}).content.decode()
+    key = re.search(r'id="new-token-key" type="text" readonly value="([^"]+)"', created).group(1)
+    token = AuthToken.objects.get(user__username="alice")
+    assert key.startswith(token.token_key)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION="Token " + key)
+    job_url = "/api/v1/jobs/00000000-0000-0000-0000-000000000000/"
+    assert api.get(job_url).status_code == 404  # signed in by the token: no such job
+
+    listing = client.get("/account/tokens/").content.decode()
+    assert token.token_key in listing and key not in listing  # the key is shown once, at creation
+    assert client.post("/account/tokens/", {"revoke": token.token_key}).status_code == 302
+    assert api.get(job_url).status_code == 401
+    assert "revoked" in client.get("/account/tokens/").content.decode()
+
+
+def test_compose_form_shows_the_services_error_by_the_adapter_list(client, make_user):
+    client.force_login(make_user("alice"))
+    response = client.post("/compose/", {"adapter_0": "quiver-demo/nope", "weight_0": "1", "adapter_1": "",
+                                         "weight_1": "", "method": "linear", "visibility": "public"})
+    assert response.status_code == 400
+    html = response.content.decode()
+    adapters_fieldset = html[html.index('<fieldset class="adapter-picks'):html.index("</fieldset>")]
+    assert "No adapter quiver-demo/nope." in adapters_fieldset
+    assert 'value="quiver-demo/nope"' in adapters_fieldset  # what was typed stays
+
+
+def test_a_job_page_is_private_to_its_owner(client, make_user):
+    from hub.models import Job
+
+    job = Job.objects.create(kind=Job.Kind.MERGE, owner=make_user("alice"))
+    client.force_login(make_user("bob"))
+    assert client.get(f"/jobs/{job.id}/").status_code == 404
