@@ -110,7 +110,7 @@ class UploadForm(ServiceErrorsMixin, forms.Form):
 # Parameters some composition methods read (hub.services.compositions checks them).
 PARAM_FIELDS = {
     "rank": lambda: forms.IntegerField(required=False, min_value=1, label="Rank"),
-    "density": lambda: forms.FloatField(required=False, label="Density", help_text="kept fraction, in (0, 1]"),
+    "density": lambda: forms.FloatField(required=False, label="Density", help_text="The kept fraction, in (0, 1]"),
     "majority_sign": lambda: forms.ChoiceField(required=False, label="Majority sign",
                                                choices=[("", "default"), ("total", "total"), ("frequency", "frequency")]),
     "seed": lambda: forms.IntegerField(required=False, min_value=0, label="Seed"),
@@ -146,7 +146,7 @@ class AdapterPicksForm(ServiceErrorsMixin, forms.Form):
         for name, make in PARAM_FIELDS.items():
             field = make()
             users = [m.name for m in methods if name in m.params]
-            field.help_text = " ".join(filter(None, [field.help_text, f"Used by: {', '.join(users)}."]))
+            field.help_text = ". ".join(filter(None, [field.help_text, f"Used by: {', '.join(users)}."]))
             self.fields[name] = field
 
     def adapter_rows(self):

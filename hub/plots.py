@@ -23,13 +23,14 @@ PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#0
 TEXT = "#1a1a1a"
 LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
-matplotlib.rcParams.update({
+# Applied per figure (rc_context), so matplotlib's global settings stay untouched.
+STYLE = {
     "svg.fonttype": "none",   # text stays text: smaller files, the page's font, selectable labels
     "svg.hashsalt": "quiver",  # stable element ids: the same analysis renders the same bytes
     "font.size": 9,
     "text.color": TEXT, "axes.labelcolor": TEXT, "xtick.color": TEXT, "ytick.color": TEXT,
     "axes.spines.top": False, "axes.spines.right": False,
-})
+}
 
 
 def module_kind(module_path: str) -> str:
@@ -53,6 +54,19 @@ def _svg(figure: Figure) -> str:
     return buffer.getvalue()
 
 
+def styled(render):
+    """Run a renderer under the plots' style."""
+
+    def run(modules: dict[str, dict]) -> str:
+        with matplotlib.rc_context(STYLE):
+            return render(modules)
+
+    run.__name__ = run.__qualname__ = render.__name__
+    run.__doc__ = render.__doc__
+    return run
+
+
+@styled
 def spectrum_svg(modules: dict[str, dict]) -> str:
     """Singular values σᵢ of each module's ΔW against their index (log scale), one
     line per module, coloured by module kind: a flat line is a full-rank update,
@@ -86,6 +100,7 @@ def layer_norms(modules: dict[str, dict]) -> dict[str, dict[int | None, float]]:
     return {kind: {layer: math.sqrt(total) for layer, total in by_layer.items()} for kind, by_layer in squares.items()}
 
 
+@styled
 def layer_norms_svg(modules: dict[str, dict]) -> str:
     """Grouped bars: for each layer, the Frobenius norm of the update of each module kind."""
     norms = layer_norms(modules)
@@ -109,4 +124,5 @@ def layer_norms_svg(modules: dict[str, dict]) -> str:
     return _svg(figure)
 
 
+# Plot kind (hub.models.RevisionPlot.Kind) → renderer.
 RENDERERS = {"spectrum": spectrum_svg, "layer-norms": layer_norms_svg}

@@ -188,6 +188,8 @@ def test_compose_two_adapters_follow_the_job_then_download(registry, make_user, 
     picked = {page.get_by_label("Adapter 1").input_value(), page.get_by_label("Adapter 2").input_value()}
     assert picked == {"quiver-demo/ticket-summarizer", "quiver-demo/sql-from-questions"}
     page.get_by_label("Weight 2").fill("-0.5")
+    page.get_by_role("button", name="Add another adapter").click()  # left empty: empty rows are ignored
+    assert page.get_by_label("Adapter 3").input_value() == "" and page.get_by_label("Weight 3").is_visible()
     page.get_by_label("Method").select_option("svd")
     page.get_by_text("Method parameters").click()
     page.get_by_label("Rank").fill("16")

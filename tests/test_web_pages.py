@@ -55,3 +55,12 @@ def test_a_job_page_is_private_to_its_owner(client, make_user):
     job = Job.objects.create(kind=Job.Kind.MERGE, owner=make_user("alice"))
     client.force_login(make_user("bob"))
     assert client.get(f"/jobs/{job.id}/").status_code == 404
+
+
+def test_model_cards_render_markdown_but_never_raw_html_or_script_links():
+    from frontend.templatetags.quiver import markdown
+
+    html = markdown("# Card\n\n<script>alert(1)</script> **bold** [x](javascript:alert(1)) [ok](https://example.org)")
+    assert "<h1>Card</h1>" in html and "<strong>bold</strong>" in html
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert 'href="javascript:' not in html and 'href="https://example.org"' in html

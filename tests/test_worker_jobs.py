@@ -52,3 +52,25 @@ def test_a_finished_job_is_not_run_twice(celery_worker_process, demo_bases, demo
     rerun = run_job(str(job.id), lambda job, reporter: calls.append(job) or {})
 
     assert calls == [] and rerun.state == Job.State.SUCCEEDED and rerun.attempts == 1
+
+
+def test_revisions_without_plots_are_analysed_again_on_request(celery_worker_process, demo_bases, demo_adapter,
+                                                              make_user, client_for):
+    import io
+
+    from django.core.management import call_command
+
+    from hub.models import Job, RevisionPlot
+
+    api = client_for(make_user("alice"))
+    api.post("/api/v1/adapters/", upload_payload(demo_adapter("ticket-summarizer")), format="multipart")
+    wait_for_job(Job.objects.get(kind=Job.Kind.ANALYZE).id)
+    RevisionPlot.objects.all().delete()  # as for a revision analysed before plots existed
+    out = io.StringIO()
+
+    call_command("analyze_revisions", stdout=out)
+
+    assert "queued 1 analysis job" in out.getvalue()
+    rerun = Job.objects.filter(kind=Job.Kind.ANALYZE).order_by("-created_at").first()
+    assert wait_for_job(rerun.id).state == Job.State.SUCCEEDED
+    assert set(RevisionPlot.objects.values_list("kind", flat=True)) == {"spectrum", "layer-norms"}

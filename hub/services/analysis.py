@@ -10,7 +10,7 @@ from django.db import transaction
 from hub import plots
 from hub.models import Job, Revision, RevisionPlot
 from hub.selectors import load_revision_adapter
-from hub.services.jobs import JobReporter
+from hub.services.jobs import JobReporter, enqueue_job
 from kernels.lowrank import singular_values
 
 
@@ -35,3 +35,13 @@ def analyze_revision_job(job: Job, reporter: JobReporter) -> dict:
         for kind, svg in rendered.items():
             RevisionPlot.objects.update_or_create(revision=revision, kind=kind, defaults={"svg": svg})
     return {"revision_id": revision.id, "modules": len(modules), "plots": sorted(rendered)}
+
+
+def request_missing_analyses() -> int:
+    """Queue the analysis of every revision that has no plots yet (e.g. analysed before the
+    plots existed, or whose job failed); returns how many were queued."""
+    missing = list(Revision.objects.filter(plots__isnull=True).select_related("created_by"))
+    with transaction.atomic():  # the tasks are sent once every job row is committed
+        for revision in missing:
+            enqueue_job(kind=Job.Kind.ANALYZE, owner=revision.created_by, params={"revision_id": revision.id})
+    return len(missing)
