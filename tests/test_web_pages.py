@@ -64,3 +64,33 @@ def test_model_cards_render_markdown_but_never_raw_html_or_script_links():
     assert "<h1>Card</h1>" in html and "<strong>bold</strong>" in html
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert 'href="javascript:' not in html and 'href="https://example.org"' in html
+
+
+def test_browse_filters_sorts_and_pages_without_javascript(client, demo_bases, demo_adapter, monkeypatch):
+    from pathlib import Path
+
+    from frontend import views
+    from hub.services.adapters import upload_adapter
+    from hub.services.files import IncomingFile
+
+    owner = demo_bases["quiver-demo/tiny-llama"].owner
+    for name in ("watercolor-style-kohya", "ticket-summarizer", "pixel-art-diffusers"):
+        entry = demo_adapter(name)
+        upload_adapter(user=owner, namespace="quiver-demo", name=name, base_model=entry["base_model"],
+                       tags=entry["tags"], license=entry["license"],
+                       files=[IncomingFile.from_path(Path(path)) for path in entry["files"]])
+    monkeypatch.setattr(views, "PAGE_SIZE", 2)
+
+    def names(html: str) -> list[str]:
+        return re.findall(r'<h2><a href="/adapters/quiver-demo/([^/]+)/">', html)
+
+    first = client.get("/", {"sort": "name"}).content.decode()
+    assert names(first) == ["pixel-art-diffusers", "ticket-summarizer"]
+    assert 'href="?sort=name&amp;page=2"' in first
+    assert names(client.get("/", {"sort": "name", "page": 2}).content.decode()) == ["watercolor-style-kohya"]
+    assert names(client.get("/", {"format": "kohya"}).content.decode()) == ["watercolor-style-kohya"]
+    assert names(client.get("/", {"base_model": "quiver-demo/tiny-llama"}).content.decode()) == ["ticket-summarizer"]
+    assert names(client.get("/", {"tag": "style", "license": "openrail", "sort": "name"}).content.decode()) == [
+        "pixel-art-diffusers", "watercolor-style-kohya"]
+    options = client.get("/").content.decode()
+    assert '<option value="kohya">kohya</option>' in options and '<option value="openrail">openrail</option>' in options
