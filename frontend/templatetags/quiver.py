@@ -12,8 +12,6 @@ register = template.Library()
 # model card cannot inject markup or scripts; markdown-it also refuses javascript:/data: links.
 _markdown = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table").enable("strikethrough")
 
-MATCH_LABELS = {"description": "description", "weights": "weights", "keywords": "keywords"}
-
 
 @register.filter
 def markdown(text: str) -> str:
@@ -25,11 +23,8 @@ def matched_summary(matched: dict | None) -> str:
     """'description 0.62 · keywords' — which rankings found a search hit, with their similarity."""
     if not matched:
         return ""
-    parts = []
-    for ranking, value in matched.items():
-        label = MATCH_LABELS.get(ranking, ranking)
-        parts.append(label if ranking == "keywords" else f"{label} {value:.2f}")
-    return " · ".join(parts)
+    # Keyword text ranks are not similarities on a common scale: only the ranking is named.
+    return " · ".join(ranking if ranking == "keywords" else f"{ranking} {value:.2f}" for ranking, value in matched.items())
 
 
 @register.filter
