@@ -25,7 +25,9 @@ run: $(STAMP)
 	$(PY) manage.py runhub
 
 # Tests use their own Redis database and blob folder, so a running `make run` is untouched.
+# The browser tests (tests/test_web.py) drive Debian's Chromium; install it when missing.
 test: $(STAMP)
+	test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 	QUIVER_REDIS_DB=1 QUIVER_BLOB_ROOT=var/test/blobs QUIVER_UPLOAD_TMP=var/test/uploads \
 		$(PY) -m pytest $(PYTEST_ARGS)
 

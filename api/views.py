@@ -17,14 +17,10 @@ from hub.services import compositions, generations
 from kernels.compose import METHODS
 from hub.services import adapters as adapter_services
 from hub.services import base_models as base_model_services
-from hub.services.files import IncomingFile
+from hub.services.files import incoming_uploads
 from workers import app as celery_app
 
 ADAPTER_FILTERS = ["base_model", "format", "tag", "license", "owner", "q"]
-
-
-def incoming_files(request) -> list[IncomingFile]:
-    return [IncomingFile.from_upload(upload) for upload in request.FILES.getlist("files")]
 
 
 class AdapterListCreateView(generics.GenericAPIView):
@@ -45,7 +41,8 @@ class AdapterListCreateView(generics.GenericAPIView):
         form = s.AdapterUploadSerializer(data=request.data)
         form.is_valid(raise_exception=True)
         fields = {key: value for key, value in form.validated_data.items() if key != "files"}
-        revision = adapter_services.upload_adapter(user=request.user, files=incoming_files(request), **fields)
+        files = incoming_uploads(request.FILES.getlist("files"))
+        revision = adapter_services.upload_adapter(user=request.user, files=files, **fields)
         return Response(s.AdapterSerializer(revision.adapter, context={"request": request}).data, status=status.HTTP_201_CREATED)
 
     def get_permissions(self):
@@ -246,7 +243,8 @@ class BaseModelListCreateView(generics.GenericAPIView):
         form = s.BaseModelUploadSerializer(data=request.data)
         form.is_valid(raise_exception=True)
         fields = {key: value for key, value in form.validated_data.items() if key != "files"}
-        base = base_model_services.register_base_model(user=request.user, files=incoming_files(request), **fields)
+        files = incoming_uploads(request.FILES.getlist("files"))
+        base = base_model_services.register_base_model(user=request.user, files=files, **fields)
         return Response(s.BaseModelSerializer(base, context={"request": request}).data, status=status.HTTP_201_CREATED)
 
     def get_permissions(self):

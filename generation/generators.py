@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from dataclasses import asdict, dataclass
 
 import torch
@@ -146,6 +145,15 @@ class GeneratorSettings:
 # The two generators
 
 
+def validation_rows_of(experts: torch.Tensor, settings: GeneratorSettings) -> torch.Tensor:
+    """Which training examples (by their expert index) are validation: every example of a seeded
+    random 20 % of the experts (at least 2)."""
+    distinct = experts.unique()
+    count = max(2, int(len(distinct) * settings.validation_fraction))
+    held = distinct[torch.randperm(len(distinct), generator=torch.Generator().manual_seed(settings.seed))[:count]]
+    return torch.isin(experts, held)
+
+
 class Generator(nn.Module):
     """Common training loop, generation and (de)serialisation."""
 
@@ -189,9 +197,7 @@ class Generator(nn.Module):
         torch.manual_seed(settings.seed)
         experts = torch.tensor([j for j, _ in examples])
         queries = torch.stack([q for _, q in examples])
-        distinct = experts.unique()
-        held = distinct[torch.randperm(len(distinct), generator=generator)[: max(2, int(len(distinct) * settings.validation_fraction))]]
-        is_held = torch.isin(experts, held)
+        is_held = validation_rows_of(experts, settings)
         train_rows, validation_rows = (~is_held).nonzero().flatten(), is_held.nonzero().flatten()
         optimizer = torch.optim.AdamW(self.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
         best = self.validation_error(queries[validation_rows], experts[validation_rows])

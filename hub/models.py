@@ -173,6 +173,28 @@ class Revision(models.Model):
         ordering = ["-number"]
 
 
+class RevisionPlot(models.Model):
+    """A picture of a revision's weights (SVG from hub.plots), rendered once by the analysis job.
+
+    Its own table rather than a column of Revision: every adapter list joins the latest
+    revision, and tens of KB of SVG per row would ride along; only the plot view reads
+    these. In PostgreSQL rather than blob storage: they are small, derived, deleted with
+    their revision (cascade) and need no orphan sweep or second storage round trip.
+    """
+
+    class Kind(models.TextChoices):
+        SPECTRUM = "spectrum"
+        LAYER_NORMS = "layer-norms"
+
+    revision = models.ForeignKey(Revision, on_delete=models.CASCADE, related_name="plots")
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    svg = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["revision", "kind"], name="unique_revision_plot")]
+
+
 class RevisionFile(StoredFile):
     revision = models.ForeignKey(Revision, on_delete=models.CASCADE, related_name="files")
 

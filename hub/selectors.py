@@ -7,17 +7,30 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.contrib.postgres.search import SearchQuery
+from django.db import connection
 from django.db.models import Q, QuerySet
+from knox.models import AuthToken
 
 from hub import formats
-from hub.blobs import blobs_on_disk, manifest_commit
+from hub.blobs import blobs_on_disk, manifest_commit, open_blob
 from hub.errors import InvalidInput, NotFound
-from hub.models import Adapter, BaseModel, GeneratorArtifact, Job, MergedCheckpoint, Revision, RevisionFile, Visibility
+from hub.models import (Adapter, BaseModel, GeneratorArtifact, Job, MergedCheckpoint, Revision, RevisionFile,
+                        RevisionPlot, Visibility)
+from kernels.compose import METHODS
 
 # Merged checkpoints are Hub-style repositories named merges/<merge_id>; no one may upload to it.
 MERGES_NAMESPACE = "merges"
 MAX_UPDATE_CHECKS = 1000
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+# Orderings of adapter lists: name → ORDER BY (id last, so pages never overlap).
+ADAPTER_SORTS = {
+    "updated": ("-updated_at", "id"),
+    "created": ("-created_at", "id"),
+    "name": ("namespace", "name", "id"),
+    "largest": ("-parameter_count", "id"),
+    "smallest": ("parameter_count", "id"),
+}
+README_MAX_BYTES = 512 * 1024
 
 
 def visible_adapters(user) -> QuerySet[Adapter]:
@@ -38,6 +51,7 @@ def adapter_list(
     license: str | None = None,
     owner: str | None = None,
     q: str | None = None,
+    sort: str = "updated",
 ) -> QuerySet[Adapter]:
     adapters = visible_adapters(user)
     if base_model:
@@ -58,7 +72,28 @@ def adapter_list(
             | Q(name__icontains=q)
             | Q(tags__icontains=q)
         )
-    return adapters.order_by("-updated_at", "id")
+    return adapters.order_by(*ADAPTER_SORTS.get(sort, ADAPTER_SORTS["updated"]))
+
+
+def adapter_facets(user, *, top_tags: int = 40) -> dict[str, list[str]]:
+    """Values to filter the adapters `user` may see by: formats, licenses, the most used tags."""
+    visible = visible_adapters(user).order_by()
+    tags_sql, params = visible.values("tags").query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT tag FROM ({tags_sql}) AS visible, unnest(visible.tags) AS tag "
+                       "GROUP BY tag ORDER BY count(*) DESC, tag LIMIT %s", [*params, top_tags])
+        tags = [row[0] for row in cursor.fetchall()]
+    return {
+        "formats": list(visible.values_list("format", flat=True).distinct().order_by("format")),
+        "licenses": list(visible.exclude(license="").values_list("license", flat=True).distinct().order_by("license")),
+        "tags": sorted(tags),
+    }
+
+
+def adapter_names(user, *, limit: int = 500) -> list[str]:
+    """namespace/name of adapters `user` may see (suggestions when picking adapters to combine)."""
+    return [f"{namespace}/{name}" for namespace, name in
+            visible_adapters(user).order_by("namespace", "name").values_list("namespace", "name")[:limit]]
 
 
 def get_adapter(user, namespace: str, name: str) -> Adapter:
@@ -82,6 +117,26 @@ def get_revision(adapter: Adapter, revision: str | None) -> Revision:
         found = revisions.filter(commit__startswith=revision.lower()).first() if len(revision) >= 7 else None
     if found is None:
         raise NotFound("revision_not_found", f"{adapter.full_name} has no revision {revision!r}.")
+    return found
+
+
+def revision_readme(revision: Revision) -> str | None:
+    """The text of a revision's README.md (the model card), when it has a small one."""
+    readme = revision.files.select_related("blob").filter(filename__iexact="README.md").first()
+    if readme is None or readme.size > README_MAX_BYTES:
+        return None
+    with open_blob(readme.sha256) as handle:
+        return handle.read().decode("utf-8", errors="replace")
+
+
+def revision_plot_kinds(revision: Revision) -> list[str]:
+    return list(revision.plots.order_by("kind").values_list("kind", flat=True))
+
+
+def get_revision_plot(revision: Revision, kind: str) -> RevisionPlot:
+    found = revision.plots.filter(kind=kind).first()
+    if found is None:
+        raise NotFound("plot_not_found", f"Revision {revision.number} has no {kind!r} plot yet.")
     return found
 
 
@@ -116,6 +171,16 @@ def generator_list(*, base_model: str | None = None) -> QuerySet[GeneratorArtifa
 def latest_generator(base: BaseModel, method: str):
     """The newest trained generator of a method for a base model, or None."""
     return base.generators.filter(method=method).select_related("weights").first()
+
+
+def compose_methods():
+    """Every composition method (kernels.compose.METHODS): name, exactness, parameters, description."""
+    return list(METHODS.values())
+
+
+def api_tokens(user) -> QuerySet[AuthToken]:
+    """The user's API tokens (knox keeps a hash and an 8-character prefix, never the key)."""
+    return AuthToken.objects.filter(user=user).order_by("-created")
 
 
 def visible_jobs(user) -> QuerySet[Job]:

@@ -47,6 +47,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "hub",
     "api",
+    "frontend",
 ]
 
 MIDDLEWARE = [
@@ -150,6 +151,11 @@ QUIVER_NEAR_DUPLICATE_SIMILARITY = float(os.environ.get("QUIVER_NEAR_DUPLICATE_S
 # HNSW search breadth (pgvector hnsw.ef_search): recall against latency.
 # 400: recall@10 0.99 at 100 000 adapters with SQL p95 ≈ 10 ms (benchmarks/search.py; 100 gave 0.93).
 QUIVER_HNSW_EF_SEARCH = int(os.environ.get("QUIVER_HNSW_EF_SEARCH", 400))
+
+# Web sign-in: Django sessions (the API also accepts them, beside knox tokens).
+LOGIN_URL = "frontend:sign-in"
+LOGIN_REDIRECT_URL = "frontend:adapters"
+LOGOUT_REDIRECT_URL = "frontend:adapters"
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"

@@ -9,4 +9,5 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     # Hugging Face Hub-compatible reads (/api/models/..., /{repo_id}/resolve/...) for HF_ENDPOINT clients.
     path("", include("api.hf_urls")),
+    path("", include("frontend.urls")),  # the web pages, last: everything above keeps its prefix
 ]

@@ -120,6 +120,24 @@ def wait_for_job(job_id, *, timeout: float = 120.0):
     raise AssertionError(f"job {job_id} still {job.state} after {timeout}s")
 
 
+def wait_for_all_jobs():
+    from hub.models import Job
+
+    for job in Job.objects.all():
+        finished = wait_for_job(job.id, timeout=180)
+        assert finished.state == Job.State.SUCCEEDED, (finished.kind, finished.error)
+
+
+@pytest.fixture
+def registry(celery_worker_process, demo_files):
+    """The demo registry, registered through the services and embedded by the worker."""
+    from hub.management.commands.seed_demo import seed_catalog
+
+    seed_catalog(demo_files, log=lambda message: None)
+    wait_for_all_jobs()
+    return demo_files
+
+
 @pytest.fixture
 def free_port() -> int:
     import socket

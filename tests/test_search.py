@@ -4,27 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import upload_payload, wait_for_job
+from tests.conftest import upload_payload, wait_for_all_jobs, wait_for_job
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def wait_for_all_jobs():
-    from hub.models import Job
-
-    for job in Job.objects.all():
-        finished = wait_for_job(job.id, timeout=180)
-        assert finished.state == Job.State.SUCCEEDED, (finished.kind, finished.error)
-
-
-@pytest.fixture
-def registry(celery_worker_process, demo_files):
-    """The demo registry, registered through the services and embedded by the worker."""
-    from hub.services.catalog import seed_catalog
-
-    seed_catalog(demo_files, log=lambda message: None)
-    wait_for_all_jobs()
-    return demo_files
 
 
 def names(response) -> list[str]:

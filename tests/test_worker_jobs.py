@@ -31,6 +31,10 @@ def test_upload_is_analysed_by_a_real_worker_and_job_is_visible_to_its_owner(
     for module in spectra.values():
         values = module["singular_values"]
         assert len(values) == module["rank"] == 8 and values == sorted(values, reverse=True) and values[0] > 0
+    # The adapter page's pictures are rendered once, by the same job.
+    plots = {plot.kind: plot.svg for plot in revision.plots.all()}
+    assert set(plots) == {"spectrum", "layer-norms"} and all("<svg" in svg for svg in plots.values())
+    assert "q_proj" in plots["spectrum"]  # the legend names the module kinds
     # Jobs are private to their owner.
     assert client_for(make_user("bob")).get(f"/api/v1/jobs/{job.id}/").status_code == 404
     assert client_for(None).get(f"/api/v1/jobs/{job.id}/").status_code == 401
@@ -48,3 +52,25 @@ def test_a_finished_job_is_not_run_twice(celery_worker_process, demo_bases, demo
     rerun = run_job(str(job.id), lambda job, reporter: calls.append(job) or {})
 
     assert calls == [] and rerun.state == Job.State.SUCCEEDED and rerun.attempts == 1
+
+
+def test_revisions_without_plots_are_analysed_again_on_request(celery_worker_process, demo_bases, demo_adapter,
+                                                              make_user, client_for):
+    import io
+
+    from django.core.management import call_command
+
+    from hub.models import Job, RevisionPlot
+
+    api = client_for(make_user("alice"))
+    api.post("/api/v1/adapters/", upload_payload(demo_adapter("ticket-summarizer")), format="multipart")
+    wait_for_job(Job.objects.get(kind=Job.Kind.ANALYZE).id)
+    RevisionPlot.objects.all().delete()  # as for a revision analysed before plots existed
+    out = io.StringIO()
+
+    call_command("analyze_revisions", stdout=out)
+
+    assert "queued 1 analysis job" in out.getvalue()
+    rerun = Job.objects.filter(kind=Job.Kind.ANALYZE).order_by("-created_at").first()
+    assert wait_for_job(rerun.id).state == Job.State.SUCCEEDED
+    assert set(RevisionPlot.objects.values_list("kind", flat=True)) == {"spectrum", "layer-norms"}

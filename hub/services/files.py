@@ -48,6 +48,11 @@ class IncomingFile:
         return cls(name=upload.name, path=path, size=upload.size, sha256=digest, disposable=True)
 
 
+def incoming_uploads(uploads) -> list[IncomingFile]:
+    """The files of a multipart request (API or web form), as streamed by hub.uploads."""
+    return [IncomingFile.from_upload(upload) for upload in uploads]
+
+
 def check_incoming_files(files: list[IncomingFile], *, max_total_bytes: int) -> dict[str, Path]:
     """Name → path, after refusing empty uploads, unsafe names, duplicates and pickles."""
     if not files:

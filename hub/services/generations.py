@@ -45,7 +45,7 @@ def expert_texts(description: str) -> list[str]:
 def expert_candidates(base: BaseModel) -> list[Adapter]:
     return list(
         Adapter.objects.filter(base_model=base, visibility=Visibility.PUBLIC, latest_revision__isnull=False)
-        .exclude(description="").exclude(provenance__kind="generation")
+        .exclude(description="").exclude(provenance__contains={"kind": "generation"})
         .select_related("latest_revision").order_by("id")
     )
 

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('hub', '0004_search_document'),
+        ('hub', '0005_web_plots'),
     ]
 
     operations = [

@@ -1,0 +1,118 @@
+"""Generation requests end to end: the small zoo registered in the hub, generators
+trained by a real worker, an adapter generated from a description, downloaded and
+loaded with PEFT, better than the base model on a task no expert was trained on."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import wait_for_job
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BASE = "zoo/minilm-task-classifier"
+
+
+@pytest.fixture
+def zoo_registry(celery_worker_process, small_zoo):
+    from django.contrib.auth import get_user_model
+
+    from generation.zoo.build import zoo_catalog
+    from hub.services.catalog import seed_catalog
+
+    seed_catalog(zoo_catalog(small_zoo), log=lambda message: None)
+    return get_user_model().objects.get(username="zoo")
+
+
+@pytest.fixture
+def trained(zoo_registry, client_for):
+    """Both generators trained through the API by the base model's owner."""
+    response = client_for(zoo_registry).post("/api/v1/generators/", {"base_model": BASE, "steps": 300}, format="json")
+    assert response.status_code == 202, response.json()
+    for job in response.json():
+        finished = wait_for_job(job["id"], timeout=600)
+        assert finished.state == "succeeded", finished.error
+    return zoo_registry
+
+
+def _held_out(small_zoo, split: str):
+    from generation.zoo.build import load_manifest, task_from_entry
+
+    return next(task_from_entry(e) for e in load_manifest(small_zoo)["tasks"] if e["task"]["split"] == split)
+
+
+@pytest.mark.parametrize("method", ["sg-lora", "icm-lora"])
+def test_generated_adapter_loads_with_peft_and_beats_the_base(trained, small_zoo, make_user, client_for, tmp_path,
+                                                              method):
+    from peft import PeftModel
+
+    from generation.zoo import data, model as zoo_model
+
+    listed = client_for().get("/api/v1/generators/", {"base_model": BASE}).json()
+    assert {g["method"] for g in listed} == {"sg-lora", "icm-lora"}
+    assert all(len(g["experts"]) == 11 and g["curve"][0]["step"] == 0 for g in listed)
+
+    task = _held_out(small_zoo, "unseen_pair")
+    api = client_for(make_user("alice"))
+    response = api.post("/api/v1/generations/", {"description": task.description, "base_model": BASE,
+                                                 "method": method}, format="json")
+    assert response.status_code == 202, response.json()
+    job = api.get(f"/api/v1/jobs/{response.json()['id']}/").json()
+    assert job["kind"] == "generate"
+    finished = wait_for_job(job["id"], timeout=300)
+    assert finished.state == "succeeded", finished.error
+    name = f"{finished.result['namespace']}/{finished.result['name']}"
+
+    detail = api.get(f"/api/v1/adapters/{name}/").json()
+    provenance = detail["provenance"]
+    assert provenance["kind"] == "generation" and provenance["method"] == method
+    assert provenance["generator"] == f"{method}@v1" and provenance["description"] == task.description
+    assert provenance["experts"] and all(e["adapter"].startswith("zoo/") for e in provenance["experts"])
+    assert abs(sum(e["weight"] for e in provenance["experts"]) - 1) < 1e-4
+    assert "generated" in detail["tags"]
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for filename in ("adapter_config.json", "adapter_model.safetensors"):
+        download = api.get(f"/api/v1/adapters/{name}/files/{filename}")
+        assert download.status_code == 200
+        (folder / filename).write_bytes(b"".join(download.streaming_content))
+    base = zoo_model.load_classifier(small_zoo / "base")
+    texts, labels = data.sample(task, 384, seed=0, split="test")
+    base_accuracy = zoo_model.accuracy(base, texts, labels)
+    generated = PeftModel.from_pretrained(base, folder)
+    accuracy = zoo_model.accuracy(generated, texts, labels)
+    assert accuracy > base_accuracy + 0.05, (accuracy, base_accuracy)
+
+    # A generated adapter composes like any other.
+    composed = api.post("/api/v1/compositions/", {"adapters": [{"id": name, "weight": 0.5},
+                                                                {"id": "zoo/person-name-in-german", "weight": 0.5}],
+                                                   "method": "linear"}, format="json")
+    assert composed.status_code == 202, composed.json()
+    assert wait_for_job(composed.json()["id"], timeout=300).state == "succeeded"
+
+
+def test_bad_generation_requests_are_refused_and_leave_nothing(zoo_registry, demo_bases, make_user, client_for):
+    from hub.models import Adapter, Job
+
+    jobs_before, adapters_before = Job.objects.count(), Adapter.objects.count()
+    api = client_for(make_user("alice"))
+    ok = {"description": "Is this text a job title written in Polish?", "base_model": BASE, "method": "sg-lora"}
+
+    def refused(status: int, code: str, **change):
+        response = api.post("/api/v1/generations/", {**ok, **change}, format="json")
+        assert response.status_code == status, response.json()
+        assert response.json()["error"]["code"] == code
+        return response.json()["error"]
+
+    assert "generator" in refused(409, "no_generator")["message"]  # no generator trained yet
+    refused(404, "base_model_not_found", base_model="nobody/nothing")
+    refused(409, "no_generator", base_model="quiver-demo/tiny-llama")
+    refused(400, "empty_description", description="   ")
+    assert refused(400, "description_too_long", description="x" * 5000)["field"] == "description"
+    refused(400, "invalid", method="lora-magic")
+    refused(400, "bad_k", k=0)
+    assert client_for().post("/api/v1/generations/", ok, format="json").status_code == 401
+    # Training costs a worker minutes: only the base model's owner (or staff) may ask.
+    response = api.post("/api/v1/generators/", {"base_model": BASE}, format="json")
+    assert response.status_code == 403 and response.json()["error"]["code"] == "not_base_owner"
+    assert (Job.objects.count(), Adapter.objects.count()) == (jobs_before, adapters_before)

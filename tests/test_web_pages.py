@@ -1,0 +1,96 @@
+"""Web pages through Django's test client: sign-in rules, API tokens, form errors
+from the services shown beside their fields, job pages private to their owner."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.django_db
+
+
+def test_writing_pages_ask_to_sign_in_and_reading_pages_do_not(client):
+    for path in ("/upload/", "/compose/", "/merge/", "/account/tokens/"):
+        response = client.get(path)
+        assert response.status_code == 302 and response["Location"] == f"/account/sign-in/?next={path}"
+    assert client.get("/").status_code == 200
+    assert client.get("/adapters/nobody/nothing/").status_code == 404
+
+
+def test_api_tokens_page_creates_lists_and_revokes_tokens(client, make_user):
+    from knox.models import AuthToken
+    from rest_framework.test import APIClient
+
+    client.force_login(make_user("alice"))
+    created = client.post("/account/tokens/", {"create": "1"}).content.decode()
+    key = re.search(r'id="new-token-key" type="text" readonly value="([^"]+)"', created).group(1)
+    token = AuthToken.objects.get(user__username="alice")
+    assert key.startswith(token.token_key)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION="Token " + key)
+    job_url = "/api/v1/jobs/00000000-0000-0000-0000-000000000000/"
+    assert api.get(job_url).status_code == 404  # signed in by the token: no such job
+
+    listing = client.get("/account/tokens/").content.decode()
+    assert token.token_key in listing and key not in listing  # the key is shown once, at creation
+    assert client.post("/account/tokens/", {"revoke": token.token_key}).status_code == 302
+    assert api.get(job_url).status_code == 401
+    assert "revoked" in client.get("/account/tokens/").content.decode()
+
+
+def test_compose_form_shows_the_services_error_by_the_adapter_list(client, make_user):
+    client.force_login(make_user("alice"))
+    response = client.post("/compose/", {"adapter_0": "quiver-demo/nope", "weight_0": "1", "adapter_1": "",
+                                         "weight_1": "", "method": "linear", "visibility": "public"})
+    assert response.status_code == 400
+    html = response.content.decode()
+    adapters_fieldset = html[html.index('<fieldset class="adapter-picks'):html.index("</fieldset>")]
+    assert "No adapter quiver-demo/nope." in adapters_fieldset
+    assert 'value="quiver-demo/nope"' in adapters_fieldset  # what was typed stays
+
+
+def test_a_job_page_is_private_to_its_owner(client, make_user):
+    from hub.models import Job
+
+    job = Job.objects.create(kind=Job.Kind.MERGE, owner=make_user("alice"))
+    client.force_login(make_user("bob"))
+    assert client.get(f"/jobs/{job.id}/").status_code == 404
+
+
+def test_model_cards_render_markdown_but_never_raw_html_or_script_links():
+    from frontend.templatetags.quiver import markdown
+
+    html = markdown("# Card\n\n<script>alert(1)</script> **bold** [x](javascript:alert(1)) [ok](https://example.org)")
+    assert "<h1>Card</h1>" in html and "<strong>bold</strong>" in html
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert 'href="javascript:' not in html and 'href="https://example.org"' in html
+
+
+def test_browse_filters_sorts_and_pages_without_javascript(client, demo_bases, demo_adapter, monkeypatch):
+    from pathlib import Path
+
+    from frontend import views
+    from hub.services.adapters import upload_adapter
+    from hub.services.files import IncomingFile
+
+    owner = demo_bases["quiver-demo/tiny-llama"].owner
+    for name in ("watercolor-style-kohya", "ticket-summarizer", "pixel-art-diffusers"):
+        entry = demo_adapter(name)
+        upload_adapter(user=owner, namespace="quiver-demo", name=name, base_model=entry["base_model"],
+                       tags=entry["tags"], license=entry["license"],
+                       files=[IncomingFile.from_path(Path(path)) for path in entry["files"]])
+    monkeypatch.setattr(views, "PAGE_SIZE", 2)
+
+    def names(html: str) -> list[str]:
+        return re.findall(r'<h2><a href="/adapters/quiver-demo/([^/]+)/">', html)
+
+    first = client.get("/", {"sort": "name"}).content.decode()
+    assert names(first) == ["pixel-art-diffusers", "ticket-summarizer"]
+    assert 'href="?sort=name&amp;page=2"' in first
+    assert names(client.get("/", {"sort": "name", "page": 2}).content.decode()) == ["watercolor-style-kohya"]
+    assert names(client.get("/", {"format": "kohya"}).content.decode()) == ["watercolor-style-kohya"]
+    assert names(client.get("/", {"base_model": "quiver-demo/tiny-llama"}).content.decode()) == ["ticket-summarizer"]
+    assert names(client.get("/", {"tag": "style", "license": "openrail", "sort": "name"}).content.decode()) == [
+        "pixel-art-diffusers", "watercolor-style-kohya"]
+    options = client.get("/").content.decode()
+    assert '<option value="kohya">kohya</option>' in options and '<option value="openrail">openrail</option>' in options
