@@ -15,7 +15,8 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
 from hub import embedded
-from hub.models import Adapter
+from generation.zoo.build import ZOO_BASE_NAME, ZOO_NAMESPACE
+from hub.models import Adapter, GeneratorArtifact
 
 
 class Command(BaseCommand):
@@ -24,8 +25,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--bind", default="127.0.0.1:8000")
         parser.add_argument("--no-demo", action="store_true", help="do not seed the demo registry")
+        parser.add_argument("--no-zoo", action="store_true",
+                            help="do not build the small LoRA zoo and its generators in the background")
 
-    def handle(self, bind, no_demo, **options):
+    def handle(self, bind, no_demo, no_zoo, **options):
         call_command("migrate", interactive=False, verbosity=0)
         call_command("collectstatic", interactive=False, verbosity=0)
         password = self._admin_password()
@@ -39,6 +42,16 @@ class Command(BaseCommand):
             subprocess.Popen([python, "-m", "gunicorn", "hub.wsgi:application", "--bind", bind,
                               "--workers", "2", "--threads", "4", "--timeout", "600", "--access-logfile", "-"]),
         ]
+        if not no_demo and not no_zoo and not GeneratorArtifact.objects.filter(base_model__namespace=ZOO_NAMESPACE).exists():
+            # Generation needs experts and trained generators: a few minutes of training the web
+            # need not wait for. The build resumes if interrupted; a later run skips it.
+            log = open(settings.VAR_DIR / "zoo-demo.log", "w")
+            children.append(subprocess.Popen(
+                ["sh", "-c", f"{python} manage.py build_zoo --size small && "
+                             f"{python} manage.py train_generators {ZOO_NAMESPACE}/{ZOO_BASE_NAME}"],
+                stdout=log, stderr=subprocess.STDOUT))
+            self.stdout.write(f"Building the small LoRA zoo and its generators in the background "
+                              f"(generation is available in a few minutes; log: {log.name})")
         url = f"http://{bind}"
         self.stdout.write(self.style.SUCCESS(
             f"\nQuiver is running at {url}/\n"
@@ -52,7 +65,7 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
         try:
-            while not stop["now"] and all(child.poll() is None for child in children):
+            while not stop["now"] and all(child.poll() is None for child in children[:2]):
                 time.sleep(0.5)
         finally:
             for child in children:
