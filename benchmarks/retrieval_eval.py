@@ -4,7 +4,7 @@ Can a text query find an adapter whose description the index does not have?
 
 Data (`load_population`): a list of (name, description, CanonicalAdapter).
   --source demo  (default) the 8 demo adapters from hub.demo.build_demo_files(var/demo-cache).
-  --source zoo   the LoRA zoo in generation/zoo/ (not built yet; see `_zoo_population`).
+  --source zoo   every task of the LoRA zoo (generation/zoo/, var/zoo/full; built if missing).
 
 Protocol: the population is split into folds; each adapter is held out exactly
 once. Adapters that share a description (one task) are held out together, so a
@@ -90,15 +90,15 @@ def _demo_population(cache: Path) -> Population:
     return [(entry["name"], entry["description"], parse_adapter(upload_files(entry))) for entry in built["adapters"]]
 
 
-def _zoo_population() -> Population:
-    """HOOK for the LoRA zoo (generation/zoo/, not built yet). Expected contract:
-    `generation.zoo.load_population()` -> [(name, description, CanonicalAdapter)],
-    adapters of one task sharing one description (so folds keep tasks apart)."""
-    try:
-        from generation import zoo
-    except ImportError:
-        sys.exit("--source zoo: generation/zoo/ does not exist yet (use --source demo)")
-    return list(zoo.load_population())
+def _zoo_population(zoo_dir: Path = ROOT / "var" / "zoo" / "full") -> Population:
+    """Every task of the LoRA zoo (training experts and held-out oracles alike): its slug,
+    its description and its trained adapter. Built first if needed (resumable)."""
+    from generation.zoo.build import build_zoo
+    from generation.zoo.evaluate import zoo_adapters
+
+    build_zoo(zoo_dir, "full")
+    splits = ("train", "unseen_pair", "unseen_part")
+    return [(task.slug, task.description, adapter) for task, adapter in zoo_adapters(zoo_dir, splits)]
 
 
 def name_words(name: str) -> str:
