@@ -8,6 +8,7 @@ from hub import selectors
 from hub.errors import QuiverError
 from hub.models import Visibility
 from hub.services.compositions import MAX_ADAPTERS, MERGE_DTYPES
+from hub.services.generations import MAX_DESCRIPTION_CHARS, MAX_K
 
 SORT_LABELS = {
     "relevance": "Best match", "updated": "Recently updated", "created": "Newest", "name": "Name (A–Z)",
@@ -191,3 +192,37 @@ class MergeForm(AdapterPicksForm):
         data = self.cleaned_data
         return {"base_model": data["base_model"], "adapters": self.adapter_refs(), "method": data["method"],
                 "params": self.method_params(), "dtype": data["dtype"] or None}
+
+
+class GenerateForm(ServiceErrorsMixin, forms.Form):
+    """A task description → a generated adapter. The fields only carry the values (select and
+    radio widgets on plain fields): hub.services.generations.request_generation checks them,
+    with the same rules and messages as for the API."""
+
+    description = forms.CharField(
+        required=False, strip=False, label="Describe the task",
+        widget=forms.Textarea(attrs={"rows": 4, "placeholder": "e.g. Is this text a job title written in Polish?"}),
+        help_text=f"What the new adapter should do, in a sentence or two (at most {MAX_DESCRIPTION_CHARS} characters).")
+    base_model = forms.CharField(required=False, label="Base model", widget=forms.Select,
+                                 help_text="Only base models with a trained generator are listed.")
+    method = forms.CharField(required=False, label="Method", widget=forms.RadioSelect)
+    k = forms.IntegerField(required=False, label="Experts to draw on (k)",
+                           help_text=f"Optional, 1 to {MAX_K}; empty uses the generator's own setting.")
+    name = forms.CharField(required=False, max_length=96, label="New adapter name",
+                           help_text="Optional; a name is made from the description when empty.")
+    visibility = forms.CharField(required=False, initial=Visibility.PUBLIC, label="Visibility",
+                                 widget=forms.RadioSelect(choices=Visibility.choices),
+                                 help_text="Private adapters are visible only to you.")
+
+    def __init__(self, data=None, *, generators, **kwargs):
+        super().__init__(data, **kwargs)
+        bases = dict.fromkeys(artifact.base_model.full_name for artifact in generators)  # distinct, in order
+        self.fields["base_model"].widget.choices = [(name, name) for name in bases]
+        methods = selectors.generation_methods()
+        self.fields["method"].widget.choices = methods
+        self.fields["method"].initial = methods[0][0]
+
+    def service_arguments(self) -> dict:
+        data = self.cleaned_data
+        return {"description": data["description"], "base_model": data["base_model"], "method": data["method"],
+                "k": data["k"], "name": data["name"] or None, "visibility": data["visibility"]}

@@ -15,7 +15,7 @@ urlpatterns = [
     path("upload/", views.upload, name="upload"),
     path("compose/", views.compose, name="compose"),
     path("merge/", views.merge, name="merge"),
-    # "generate/" (describe a task → a generated adapter) comes with the generation feature.
+    path("generate/", views.generate, name="generate"),
     path("jobs/<uuid:job_id>/", views.job_detail, name="job"),
     path("account/tokens/", views.api_tokens, name="tokens"),
     path("account/sign-in/", auth_views.LoginView.as_view(template_name="frontend/sign_in.html"), name="sign-in"),

@@ -11,11 +11,11 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
-from frontend.forms import ComposeForm, MergeForm, SearchForm, UploadForm
+from frontend.forms import ComposeForm, GenerateForm, MergeForm, SearchForm, UploadForm
 from hub import search, selectors
 from hub.errors import NotFound, QuiverError
 from hub.models import Job
-from hub.services import accounts, compositions
+from hub.services import accounts, compositions, generations
 from hub.services.adapters import upload_adapter
 from hub.services.files import incoming_uploads
 
@@ -149,6 +149,23 @@ def compose(request):
 @require_http_methods(["GET", "POST"])
 def merge(request):
     return _adapter_picks_page(request, MergeForm, "frontend/merge.html", compositions.request_merge)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def generate(request):
+    generators = list(selectors.generator_list())
+    form = GenerateForm(request.POST or None, generators=generators,
+                        initial={"base_model": request.GET.get("base_model")})
+    if request.method == "POST" and form.is_valid():
+        try:
+            job = generations.request_generation(user=request.user, **form.service_arguments())
+        except QuiverError as error:
+            form.add_service_error(error)
+        else:
+            return redirect("frontend:job", job.id)
+    return render(request, "frontend/generate.html", {"form": form, "generators": generators},
+                  status=400 if form.errors else 200)
 
 
 @login_required

@@ -48,6 +48,13 @@ import torch
 from torch import nn
 
 METHODS = ("sg-lora", "icm-lora")
+# What each method does, in one line for people choosing one (the web form shows them).
+METHOD_SUMMARIES = {
+    "sg-lora": "SG-LoRA: mixes the expert adapters whose tasks read closest to yours, "
+               "then a learned model refines that mixture.",
+    "icm-lora": "ICM-LoRA: reads the closest experts as in-context examples and has learned "
+                "how much to take from each of them.",
+}
 GENERATOR_FORMAT_VERSION = 1
 
 

@@ -254,6 +254,12 @@ class GeneratorArtifact(models.Model):
     def label(self) -> str:
         return f"{self.method}@v{self.version}"
 
+    @property
+    def validation_error(self) -> float | None:
+        """The validation error of the state kept (training keeps the best point of the curve)."""
+        errors = [point["validation_error"] for point in self.curve if point.get("validation_error") is not None]
+        return min(errors) if errors else None
+
 
 class MergedCheckpoint(models.Model):
     """A base model with adapters merged in, stored once per distinct request

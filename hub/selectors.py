@@ -11,6 +11,7 @@ from django.db import connection
 from django.db.models import Q, QuerySet
 from knox.models import AuthToken
 
+from generation import generators
 from hub import formats
 from hub.blobs import blobs_on_disk, manifest_commit, open_blob
 from hub.errors import InvalidInput, NotFound
@@ -171,6 +172,11 @@ def generator_list(*, base_model: str | None = None) -> QuerySet[GeneratorArtifa
 def latest_generator(base: BaseModel, method: str):
     """The newest trained generator of a method for a base model, or None."""
     return base.generators.filter(method=method).select_related("weights").first()
+
+
+def generation_methods() -> list[tuple[str, str]]:
+    """Every generation method with one line on what it does (generation.generators)."""
+    return [(method, generators.METHOD_SUMMARIES[method]) for method in generators.METHODS]
 
 
 def compose_methods():

@@ -139,6 +139,19 @@ def registry(celery_worker_process, demo_files):
 
 
 @pytest.fixture
+def zoo_registry(celery_worker_process, small_zoo):
+    """The small zoo registered through the services (base zoo/minilm-task-classifier and its
+    expert adapters, owned by the user `zoo`): that user."""
+    from django.contrib.auth import get_user_model
+
+    from generation.zoo.build import zoo_catalog
+    from hub.services.catalog import seed_catalog
+
+    seed_catalog(zoo_catalog(small_zoo), log=lambda message: None)
+    return get_user_model().objects.get(username="zoo")
+
+
+@pytest.fixture
 def free_port() -> int:
     import socket
 

@@ -13,17 +13,6 @@ BASE = "zoo/minilm-task-classifier"
 
 
 @pytest.fixture
-def zoo_registry(celery_worker_process, small_zoo):
-    from django.contrib.auth import get_user_model
-
-    from generation.zoo.build import zoo_catalog
-    from hub.services.catalog import seed_catalog
-
-    seed_catalog(zoo_catalog(small_zoo), log=lambda message: None)
-    return get_user_model().objects.get(username="zoo")
-
-
-@pytest.fixture
 def trained(zoo_registry, client_for):
     """Both generators trained through the API by the base model's owner."""
     response = client_for(zoo_registry).post("/api/v1/generators/", {"base_model": BASE, "steps": 300}, format="json")

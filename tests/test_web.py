@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ARTIFACTS, stored_state, wait_for_all_jobs
+from tests.conftest import ARTIFACTS, stored_state, wait_for_all_jobs, wait_for_job
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -281,3 +281,41 @@ def test_private_adapter_is_invisible_when_signed_out(registry, make_user, page,
     mine = page.locator(".result", has=page.get_by_role("link", name="alice/secret-recipes"))
     assert mine.locator(".badge.private").inner_text() == "private"
     screenshot(page, request, "-owner")
+
+
+def test_generate_an_adapter_from_a_description_then_read_its_provenance(zoo_registry, make_user, page, request):
+    from hub.models import Adapter
+    from hub.services.generations import request_generator_training
+
+    base = "zoo/minilm-task-classifier"
+    for job in request_generator_training(user=zoo_registry, base_model=base, methods=["sg-lora"], steps=300):
+        trained = wait_for_job(job.id, timeout=600)
+        assert trained.state == "succeeded", trained.error
+    make_user("alice")
+    sign_in(page, "alice")
+    page.get_by_role("link", name="Generate", exact=True).click()
+
+    generators = page.get_by_role("region", name="Generators")
+    assert re.search(r"zoo/minilm-task-classifier\s+sg-lora@v1\s+11\b", generators.inner_text())
+    page.get_by_label("Describe the task").fill("Is this text a job title written in Polish?")
+    page.get_by_label("Base model").select_option(base)
+    page.get_by_role("radio", name=re.compile(r"^SG-LoRA: mixes the expert adapters")).check()
+    screenshot(page, request, "-form")
+    page.get_by_role("button", name="Generate").click()
+
+    assert re.search(r"/jobs/[0-9a-f-]{36}/$", page.url)
+    page.locator("#job-state[data-state=succeeded]").wait_for(timeout=JOB_TIMEOUT_MS)
+    screenshot(page, request, "-job")
+    page.locator("#result-link").click()
+
+    generated = Adapter.objects.get(provenance__kind="generation")
+    assert page.get_by_role("heading", level=1).inner_text().startswith(f"alice/{generated.name}")
+    provenance = page.get_by_role("region", name="Provenance")
+    text = provenance.inner_text()
+    assert "sg-lora@v1" in text and "Is this text a job title written in Polish?" in text
+    experts = [expert["adapter"] for expert in generated.provenance["experts"]]
+    assert experts and all(name.startswith("zoo/") for name in experts)
+    assert provenance.get_by_role("link").all_inner_texts() == experts  # every expert, linked, in order
+    screenshot(page, request)
+    provenance.get_by_role("link").first.click()
+    assert page.get_by_role("heading", level=1).inner_text().startswith(experts[0])

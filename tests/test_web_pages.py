@@ -10,7 +10,7 @@ pytestmark = pytest.mark.django_db
 
 
 def test_writing_pages_ask_to_sign_in_and_reading_pages_do_not(client):
-    for path in ("/upload/", "/compose/", "/merge/", "/account/tokens/"):
+    for path in ("/upload/", "/compose/", "/merge/", "/generate/", "/account/tokens/"):
         response = client.get(path)
         assert response.status_code == 302 and response["Location"] == f"/account/sign-in/?next={path}"
     assert client.get("/").status_code == 200
@@ -47,6 +47,44 @@ def test_compose_form_shows_the_services_error_by_the_adapter_list(client, make_
     adapters_fieldset = html[html.index('<fieldset class="adapter-picks'):html.index("</fieldset>")]
     assert "No adapter quiver-demo/nope." in adapters_fieldset
     assert 'value="quiver-demo/nope"' in adapters_fieldset  # what was typed stays
+
+
+def _field_errors(html: str, field: str) -> str:
+    """The error list shown beside a form field (frontend/_field.html), '' when none."""
+    found = re.search(rf'<ul class="errors" id="id_{field}_error"[^>]*>(.*?)</ul>', html, re.S)
+    return found.group(1) if found else ""
+
+
+def test_generate_form_shows_the_services_errors_by_their_fields_and_starts_nothing(client, make_user, demo_bases):
+    from hub.models import Blob, GeneratorArtifact, Job
+
+    # A trained sg-lora generator's row; its weights are never read, as every request here is refused.
+    GeneratorArtifact.objects.create(
+        base_model=demo_bases["quiver-demo/tiny-llama"], method="sg-lora", version=1, layout=[], experts=[],
+        weights=Blob.objects.create(sha256="0" * 64, size=2048),
+        curve=[{"step": 0, "train_loss": None, "validation_error": 0.5},
+               {"step": 100, "train_loss": 0.1, "validation_error": 0.25}])
+    client.force_login(make_user("alice"))
+    page = client.get("/generate/").content.decode()
+    select = page[page.index('<select name="base_model"'):page.index("</select>")]
+    assert re.findall(r'<option value="([^"]+)"', select) == ["quiver-demo/tiny-llama"]  # only bases with a generator
+    assert re.search(r"<td>sg-lora@v1</td>.*?<td>0.250</td>", page, re.S)  # the kept (best) validation error
+
+    ok = {"description": "Summarise support tickets.", "base_model": "quiver-demo/tiny-llama", "method": "sg-lora",
+          "k": "", "name": "", "visibility": "public"}
+    response = client.post("/generate/", {**ok, "description": "   "})
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert "Describe the task the adapter should do." in _field_errors(html, "description")
+    assert _field_errors(html, "base_model") == ""
+
+    html = client.post("/generate/", {**ok, "method": "icm-lora"}).content.decode()
+    assert "has no trained icm-lora generator yet" in _field_errors(html, "base_model")
+    assert "Summarise support tickets." in html  # what was typed stays
+
+    html = client.post("/generate/", {**ok, "k": "99"}).content.decode()
+    assert "k must be an integer from 1 to 32" in _field_errors(html, "k")
+    assert Job.objects.count() == 0
 
 
 def test_a_job_page_is_private_to_its_owner(client, make_user):
