@@ -16,6 +16,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def unthrottled():
+    """No rate limits in tests (in this process and the servers it starts), except where a test
+    sets them (tests/test_throttling.py)."""
+    from django.conf import settings
+
+    settings.QUIVER_THROTTLE_RATES = {"anon": None, "user": None}
+    os.environ["QUIVER_THROTTLE_ANON"] = os.environ["QUIVER_THROTTLE_USER"] = ""
+
+
 @pytest.fixture(scope="session")
 def demo_files():
     """The demo catalog's real files (base models and adapters), built once and cached."""
