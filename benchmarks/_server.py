@@ -35,13 +35,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def gunicorn(workers: int = 2, threads: int = 4):
-    """The production web server (gunicorn) on a free loopback port; yields its base URL."""
+def gunicorn(workers: int = 2, threads: int = 4, env: dict | None = None, log_path: Path | None = None):
+    """The production web server (gunicorn) on a free loopback port; yields its base URL.
+    `env`: variables set for the server on top of this process's (e.g. other DATABASE_URL)."""
     port = free_port()
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "hub.wsgi:application", "--bind", f"127.0.0.1:{port}",
          "--workers", str(workers), "--threads", str(threads), "--timeout", "600"],
-        cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=log,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -59,3 +61,5 @@ def gunicorn(workers: int = 2, threads: int = 4):
     finally:
         process.terminate()
         process.wait(timeout=30)
+        if log_path:
+            log.close()
