@@ -204,7 +204,7 @@ class GeneratorListCreateView(APIView):
     @extend_schema(parameters=[OpenApiParameter("base_model", str)], responses=s.GeneratorArtifactSerializer(many=True))
     def get(self, request):
         artifacts = selectors.generator_list(base_model=request.query_params.get("base_model"))
-        return Response(s.GeneratorArtifactSerializer(artifacts, many=True).data)
+        return Response(s.GeneratorArtifactSerializer(artifacts, many=True, context={"request": request}).data)
 
     @extend_schema(request=s.GeneratorTrainingRequestSerializer, responses={202: s.JobSerializer(many=True)})
     def post(self, request):
