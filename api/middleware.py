@@ -24,3 +24,18 @@ class BackendOutageMiddleware:
             response = HttpResponse(SERVICE_UNAVAILABLE, status=503, content_type="text/plain; charset=utf-8")
         response["Retry-After"] = RETRY_AFTER_SECONDS
         return response
+
+
+class RefuseNulCharactersMiddleware:
+    """A NUL character in the query string is refused with a 400: PostgreSQL text cannot hold one, so
+    such a value would otherwise fail inside a query (a 500) wherever a parameter reaches SQL
+    unvalidated (filters, revisions, the Hub-compatible reads, web pages)."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if any("\x00" in key or any("\x00" in value for value in values) for key, values in request.GET.lists()):
+            return JsonResponse(error_body("invalid_characters", "Query parameters may not contain NUL characters."),
+                                status=400)
+        return self.get_response(request)

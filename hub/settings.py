@@ -60,6 +60,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "api.middleware.BackendOutageMiddleware",
+    "api.middleware.RefuseNulCharactersMiddleware",
 ]
 
 ROOT_URLCONF = "hub.urls"
