@@ -28,6 +28,23 @@ def django_setup(**env: str) -> None:
     call_command("migrate", interactive=False, verbosity=0)
 
 
+def bench_database_url(name: str) -> str:
+    """The server of DATABASE_URL (else the embedded one) with a benchmark's own database `name`."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    base = os.environ.get("DATABASE_URL")
+    if not base:
+        from hub import embedded
+
+        base = embedded.ensure_postgres()
+    with psycopg.connect(base, autocommit=True) as conn:  # CREATE DATABASE cannot run in a transaction
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return urlunsplit(urlsplit(base)._replace(path="/" + name))
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
