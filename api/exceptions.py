@@ -6,7 +6,9 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
-from hub.errors import QuiverError
+from hub.errors import SERVICE_UNAVAILABLE, QuiverError, is_backend_outage
+
+RETRY_AFTER_SECONDS = "5"
 
 
 def error_body(code: str, message: str, **extra) -> dict:
@@ -25,6 +27,8 @@ def _first_message(detail) -> str:
 def json_exception_handler(exc, context):
     if isinstance(exc, QuiverError):
         return Response(error_body(exc.code, exc.message, field=exc.field), status=exc.status_code)
+    if is_backend_outage(exc):
+        return service_unavailable_response()
     if isinstance(exc, (RequestDataTooBig, TooManyFilesSent)):
         return Response(error_body("request_too_large", str(exc)), status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
     response = exception_handler(exc, context)
@@ -36,3 +40,8 @@ def json_exception_handler(exc, context):
         code = exc.get_codes() if isinstance(exc, exceptions.APIException) else "error"
         response.data = error_body(code if isinstance(code, str) else "error", _first_message(response.data))
     return response
+
+
+def service_unavailable_response() -> Response:
+    return Response(error_body("service_unavailable", SERVICE_UNAVAILABLE), status=status.HTTP_503_SERVICE_UNAVAILABLE,
+                    headers={"Retry-After": RETRY_AFTER_SECONDS})

@@ -4,7 +4,14 @@ from __future__ import annotations
 from django.urls import reverse
 from rest_framework import serializers
 
+from hub import selectors
 from hub.models import Adapter, BaseModel, GeneratorArtifact, Job, Revision, Visibility
+
+
+def viewer(serializer):
+    """The user a response is shaped for (None: anonymous)."""
+    request = serializer.context.get("request")
+    return request.user if request is not None else None
 
 
 class CommaSeparatedListField(serializers.ListField):
@@ -56,7 +63,9 @@ class AdapterSerializer(serializers.ModelSerializer):
     revision = serializers.IntegerField(source="latest_revision.number", default=None, read_only=True)
     commit = serializers.CharField(source="latest_revision.commit", default=None, read_only=True)
     files = serializers.SerializerMethodField()
-    near_duplicate_of = serializers.CharField(source="near_duplicate_of.full_name", default=None, read_only=True)
+    near_duplicate_of = serializers.SerializerMethodField()
+    near_duplicate_similarity = serializers.SerializerMethodField()
+    provenance = serializers.SerializerMethodField()
     embeddings = serializers.SerializerMethodField()
 
     class Meta:
@@ -67,6 +76,16 @@ class AdapterSerializer(serializers.ModelSerializer):
             "dtype", "parameter_count", "provenance", "revision", "commit", "files", "near_duplicate_of",
             "near_duplicate_similarity", "embeddings", "created_at", "updated_at",
         ]
+
+    def get_near_duplicate_of(self, adapter) -> str | None:
+        duplicate = selectors.visible_near_duplicate(viewer(self), adapter)
+        return duplicate.full_name if duplicate else None
+
+    def get_near_duplicate_similarity(self, adapter) -> float | None:
+        return adapter.near_duplicate_similarity if self.get_near_duplicate_of(adapter) else None
+
+    def get_provenance(self, adapter) -> dict:
+        return selectors.readable_provenance(viewer(self), adapter.provenance)
 
     def get_embeddings(self, adapter) -> dict:
         """Which encoders have embedded this adapter (empty until the worker has run)."""
@@ -228,8 +247,13 @@ class GeneratorArtifactSerializer(serializers.ModelSerializer):
         fields = ["id", "base_model", "method", "version", "label", "bytes", "sha256", "experts", "skipped",
                   "settings", "curve", "created_at"]
 
+    skipped = serializers.SerializerMethodField()
+
     def get_experts(self, artifact) -> list[str]:
-        return [expert["adapter"] for expert in artifact.experts]
+        return [expert["adapter"] for expert in selectors.readable_generator_adapters(viewer(self), artifact.experts)]
+
+    def get_skipped(self, artifact) -> list[dict]:
+        return selectors.readable_generator_adapters(viewer(self), artifact.skipped)
 
 
 class ComposeMethodSerializer(serializers.Serializer):

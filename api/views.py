@@ -204,7 +204,7 @@ class GeneratorListCreateView(APIView):
     @extend_schema(parameters=[OpenApiParameter("base_model", str)], responses=s.GeneratorArtifactSerializer(many=True))
     def get(self, request):
         artifacts = selectors.generator_list(base_model=request.query_params.get("base_model"))
-        return Response(s.GeneratorArtifactSerializer(artifacts, many=True).data)
+        return Response(s.GeneratorArtifactSerializer(artifacts, many=True, context={"request": request}).data)
 
     @extend_schema(request=s.GeneratorTrainingRequestSerializer, responses={202: s.JobSerializer(many=True)})
     def post(self, request):
@@ -279,6 +279,7 @@ class HealthView(APIView):
 
     permission_classes = [AllowAny]
     authentication_classes = []
+    throttle_classes = []  # probes (load balancers, orchestrators) must never be refused for their rate
 
     @extend_schema(responses={200: s.HealthSerializer, 503: s.HealthSerializer})
     def get(self, request):

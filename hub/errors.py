@@ -31,3 +31,17 @@ class Conflict(QuiverError):
 
 class TooLarge(QuiverError):
     status_code = 413
+
+
+def is_backend_outage(error: BaseException) -> bool:
+    """True for errors that mean PostgreSQL or Redis is unreachable (down, restarting, refusing
+    connections): the request may succeed when retried, so it is answered 503, not 500."""
+    from django.db import InterfaceError, OperationalError
+    from kombu.exceptions import OperationalError as BrokerError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(error, (OperationalError, InterfaceError, BrokerError, RedisConnectionError, RedisTimeoutError))
+
+
+SERVICE_UNAVAILABLE = "A service the hub depends on (database or Redis) is unavailable; retry shortly."

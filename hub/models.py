@@ -9,6 +9,7 @@ from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVector, SearchVectorField
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
+from django.utils import timezone
 from pgvector.django import HnswIndex, VectorField
 
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2; weight embeddings live in the same space
@@ -30,6 +31,8 @@ class Blob(models.Model):
     sha256 = models.CharField(primary_key=True, max_length=64)
     size = models.BigIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
+    # Last time a writer (upload, merge) claimed these bytes; the orphan sweep's grace period counts from it.
+    claimed_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     @property
     def storage_key(self) -> str:

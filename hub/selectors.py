@@ -105,6 +105,46 @@ def get_adapter(user, namespace: str, name: str) -> Adapter:
     return adapter
 
 
+def visible_full_names(user, full_names) -> set[str]:
+    """Of these "namespace/name"s, the adapters `user` may see."""
+    pairs = {tuple(full_name.split("/", 1)) for full_name in full_names if "/" in full_name}
+    if not pairs:
+        return set()
+    wanted = Q()
+    for namespace, name in pairs:
+        wanted |= Q(namespace=namespace, name=name)
+    return {f"{ns}/{n}" for ns, n in visible_adapters(user).filter(wanted).values_list("namespace", "name")}
+
+
+# Provenance lists that name other adapters: a composition's parents, a generation's experts.
+PROVENANCE_ADAPTER_LISTS = ("parents", "experts")
+
+
+def readable_provenance(user, provenance: dict) -> dict:
+    """An adapter's provenance as `user` may read it: parents and experts they may not see (private
+    to someone else, possibly turned private after the fact) are left out, so the provenance of a
+    public adapter never names a private one."""
+    named = [entry.get("adapter", "") for key in PROVENANCE_ADAPTER_LISTS for entry in provenance.get(key) or []]
+    if not named:
+        return provenance
+    visible = visible_full_names(user, named)
+    return {**provenance, **{key: [entry for entry in provenance[key] if entry.get("adapter") in visible]
+                             for key in PROVENANCE_ADAPTER_LISTS if key in provenance}}
+
+
+def visible_near_duplicate(user, adapter: Adapter) -> Adapter | None:
+    """The older adapter this one nearly duplicates, when `user` may see it."""
+    if adapter.near_duplicate_of_id is None:
+        return None
+    return visible_adapters(user).filter(id=adapter.near_duplicate_of_id).first()
+
+
+def readable_generator_adapters(user, entries: list[dict]) -> list[dict]:
+    """A generator's experts or skipped adapters, without those `user` may not see."""
+    visible = visible_full_names(user, [entry["adapter"] for entry in entries])
+    return [entry for entry in entries if entry["adapter"] in visible]
+
+
 def get_revision(adapter: Adapter, revision: str | None) -> Revision:
     """`revision` is a revision number, a commit id (or its prefix), 'main' or None (the latest)."""
     if revision in (None, "", "main", "latest"):

@@ -59,6 +59,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "api.middleware.BackendOutageMiddleware",
+    "api.middleware.RefuseNulCharactersMiddleware",
 ]
 
 ROOT_URLCONF = "hub.urls"
@@ -79,7 +81,8 @@ TEMPLATES = [
     }
 ]
 
-DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60)}
+# Health checks: a persistent connection broken by a database restart is replaced at the next request.
+DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60, conn_health_checks=True)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ["REDIS_URL"]
@@ -88,6 +91,8 @@ CACHES = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "quiver",
+        # Fail fast while Redis is down (the request is answered 503) instead of hanging.
+        "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 5},
     }
 }
 
@@ -98,7 +103,16 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Longer than the longest job (a large merge), so a slow task is not redelivered.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": int(os.environ.get("QUIVER_VISIBILITY_TIMEOUT", 6 * 3600))}
+# A message whose worker died (SIGKILL, lost machine) goes back to the queue once it is older than this;
+# unacked_restore_interval is how often a worker looks for such messages.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": int(os.environ.get("QUIVER_VISIBILITY_TIMEOUT", 6 * 3600)),
+    "unacked_restore_interval": int(os.environ.get("QUIVER_UNACKED_RESTORE_INTERVAL", 60)),
+    "unacked_restore_throttle": 1,
+    # Publishing while Redis restarts fails within seconds (the request gets a 503) rather than hanging.
+    "socket_connect_timeout": 2,
+    "socket_timeout": 10,
+}
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # Queues: embed (analysis, embeddings: CPU), gpu (training, generation, merging), default.
 # The queue of each task is chosen where it is sent (hub.services.jobs.TASKS).
@@ -178,8 +192,14 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 20,
     "EXCEPTION_HANDLER": "api.exceptions.json_exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": ["api.throttling.AnonymousRateThrottle", "api.throttling.PerUserRateThrottle"],
     # `?format=` is the adapter-format filter, not a renderer switch.
     "URL_FORMAT_OVERRIDE": None,
+}
+# Rate limits per client address (anonymous) and per user: "N/second|minute|hour|day"; empty: no limit.
+QUIVER_THROTTLE_RATES = {
+    "anon": os.environ.get("QUIVER_THROTTLE_ANON", "600/minute") or None,
+    "user": os.environ.get("QUIVER_THROTTLE_USER", "3000/minute") or None,
 }
 REST_KNOX = {
     "TOKEN_TTL": None,  # API tokens for scripts live until revoked

@@ -16,6 +16,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def unthrottled():
+    """No rate limits in tests (in this process and the servers it starts), except where a test
+    sets them (tests/test_throttling.py)."""
+    from django.conf import settings
+
+    settings.QUIVER_THROTTLE_RATES = {"anon": None, "user": None}
+    os.environ["QUIVER_THROTTLE_ANON"] = os.environ["QUIVER_THROTTLE_USER"] = ""
+
+
 @pytest.fixture(scope="session")
 def demo_files():
     """The demo catalog's real files (base models and adapters), built once and cached."""
@@ -78,20 +88,16 @@ def _database_url_for_test_db() -> str:
     return f"postgres://{db['USER']}{password}@{host}{port}/{db['NAME']}"
 
 
-@pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup, django_db_blocker):
-    """A real `celery worker` process on the test database, consuming every queue."""
-    from workers import app
-
+def start_worker(log_path: Path, *, name: str, queues: str = "default,embed,gpu", **env: str) -> subprocess.Popen:
+    """A real `celery worker` process on the test database (in its own process group, so a test
+    can kill it whole); returns once it is ready."""
     ARTIFACTS.mkdir(exist_ok=True)
-    log_path = ARTIFACTS / "celery-worker.log"
-    app.control.purge()  # tasks left by an earlier, interrupted run
-    env = {**os.environ, "DATABASE_URL": _database_url_for_test_db(), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "DATABASE_URL": _database_url_for_test_db(), "PYTHONUNBUFFERED": "1", **env}
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker", "--queues", "default,embed,gpu",
-             "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO", "--hostname", f"test-{os.getpid()}@%h"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "celery", "-A", "workers", "worker", "--queues", queues,
+             "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO", "--hostname", f"{name}@%h"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     deadline = time.monotonic() + 120
     while "ready." not in log_path.read_text():
@@ -99,12 +105,30 @@ def celery_worker_process(django_db_setup, django_db_blocker):
             process.kill()
             raise RuntimeError("celery worker did not start:\n" + log_path.read_text()[-3000:])
         time.sleep(0.2)
-    yield process
+    return process
+
+
+def stop_worker(process: subprocess.Popen) -> None:
     process.terminate()
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait()
+
+
+SESSION_WORKER = f"test-{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, django_db_blocker):
+    """A real `celery worker` process on the test database, consuming every queue."""
+    from workers import app
+
+    app.control.purge()  # tasks left by an earlier, interrupted run
+    process = start_worker(ARTIFACTS / "celery-worker.log", name=SESSION_WORKER)
+    yield process
+    stop_worker(process)
 
 
 def wait_for_job(job_id, *, timeout: float = 120.0):

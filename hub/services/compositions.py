@@ -159,8 +159,9 @@ def compose_job(job: Job, reporter: JobReporter) -> dict:
 
 
 def _composed_description(spec: dict) -> str:
-    parents = ", ".join(f"{ref['adapter']} (×{ref['weight']:g})" for ref in spec["adapters"])
-    return f"Composed with {spec['method']} from {parents}."
+    # Parents are named in the provenance only, where each reader sees those they may see: a
+    # description is the same text for everyone and would name a private parent.
+    return f"Composed with {spec['method']}; its parents are listed in its provenance."
 
 
 # --- merge --------------------------------------------------------------------------------------
