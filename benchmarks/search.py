@@ -22,7 +22,6 @@ import random
 import re
 import secrets
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import psycopg

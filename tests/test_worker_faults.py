@@ -8,7 +8,6 @@ import signal
 import socket
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
