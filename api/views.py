@@ -161,38 +161,38 @@ class ComposeMethodListView(APIView):
         return Response(s.ComposeMethodSerializer(METHODS.values(), many=True).data)
 
 
-class CompositionCreateView(APIView):
+class JobRequestView(APIView):
+    """POST a request body → the service starts a job → 202 with the job (200 when a stored
+    result is reused, e.g. an identical merge)."""
+
     permission_classes = [IsAuthenticated]
+    request_serializer: type
+    service = None
 
-    @extend_schema(request=s.CompositionRequestSerializer, responses={202: s.JobSerializer})
     def post(self, request):
-        form = s.CompositionRequestSerializer(data=request.data)
+        form = self.request_serializer(data=request.data)
         form.is_valid(raise_exception=True)
-        job = compositions.request_composition(user=request.user, **form.validated_data)
-        return Response(s.JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
-
-
-class MergeCreateView(APIView):
-    permission_classes = [IsAuthenticated]
-
-    @extend_schema(request=s.MergeRequestSerializer, responses={202: s.JobSerializer, 200: s.JobSerializer})
-    def post(self, request):
-        form = s.MergeRequestSerializer(data=request.data)
-        form.is_valid(raise_exception=True)
-        job = compositions.request_merge(user=request.user, **form.validated_data)
+        job = type(self).service(user=request.user, **form.validated_data)
         reused = job.state == job.State.SUCCEEDED
         return Response(s.JobSerializer(job).data, status=status.HTTP_200_OK if reused else status.HTTP_202_ACCEPTED)
 
 
-class GenerationCreateView(APIView):
-    permission_classes = [IsAuthenticated]
+@extend_schema(request=s.CompositionRequestSerializer, responses={202: s.JobSerializer})
+class CompositionCreateView(JobRequestView):
+    request_serializer = s.CompositionRequestSerializer
+    service = compositions.request_composition
 
-    @extend_schema(request=s.GenerationRequestSerializer, responses={202: s.JobSerializer})
-    def post(self, request):
-        form = s.GenerationRequestSerializer(data=request.data)
-        form.is_valid(raise_exception=True)
-        job = generations.request_generation(user=request.user, **form.validated_data)
-        return Response(s.JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+@extend_schema(request=s.MergeRequestSerializer, responses={202: s.JobSerializer, 200: s.JobSerializer})
+class MergeCreateView(JobRequestView):
+    request_serializer = s.MergeRequestSerializer
+    service = compositions.request_merge
+
+
+@extend_schema(request=s.GenerationRequestSerializer, responses={202: s.JobSerializer})
+class GenerationCreateView(JobRequestView):
+    request_serializer = s.GenerationRequestSerializer
+    service = generations.request_generation
 
 
 class GeneratorListCreateView(APIView):
