@@ -7,7 +7,8 @@ import pytest
 
 from tests.conftest import wait_for_job
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# The first test to use the small zoo builds it (13 PEFT trainings, a few minutes on 2 cores).
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(1500)]
 
 BASE = "zoo/minilm-task-classifier"
 

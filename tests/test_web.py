@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import ARTIFACTS, stored_state, wait_for_all_jobs, wait_for_job
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow,
+              pytest.mark.timeout(1500)]  # the generate test may be the one that builds the small zoo
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -14,6 +14,8 @@ from generation.zoo.build import adapter_dir, build_zoo, load_manifest, task_fro
 from generation.zoo.evaluate import zoo_adapters
 from generation.zoo.tasks import CATEGORIES, LANGUAGES, task_family
 
+pytestmark = pytest.mark.timeout(1500)  # the first test to use the small zoo builds it
+
 
 def test_task_family_has_the_held_out_splits_the_benchmark_needs():
     tasks = task_family()
