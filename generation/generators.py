@@ -209,7 +209,7 @@ class Generator(nn.Module):
         optimizer = torch.optim.AdamW(self.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
         best = self.validation_error(queries[validation_rows], experts[validation_rows])
         curve = [{"step": 0, "train_loss": None, "validation_error": round(best, 8)}]
-        best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        best_state = self._trainable_state()
         for step in range(settings.steps):
             self.train()
             rows = train_rows[torch.randint(len(train_rows), (settings.batch_size,), generator=generator)]
@@ -222,11 +222,15 @@ class Generator(nn.Module):
                 val = self.validation_error(queries[validation_rows], experts[validation_rows])
                 curve.append({"step": step + 1, "train_loss": round(loss.item(), 6), "validation_error": round(val, 8)})
                 if val < best:
-                    best, best_state = val, {k: v.detach().clone() for k, v in self.state_dict().items()}
+                    best, best_state = val, self._trainable_state()
                 if progress:
                     progress((step + 1) / settings.steps, curve[-1])
-        self.load_state_dict(best_state)
+        self.load_state_dict(best_state, strict=False)
         return curve
+
+    def _trainable_state(self) -> dict:
+        """A copy of the learned tensors only: the expert bank (megabytes) never changes in training."""
+        return {name: p.detach().clone() for name, p in self.named_parameters()}
 
     @torch.no_grad()
     def validation_error(self, queries: torch.Tensor, experts: torch.Tensor) -> float:
