@@ -79,8 +79,8 @@ from collections import deque
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Callable
 
 import torch
@@ -98,9 +98,10 @@ from hub.formats.safetensors_header import (
 )
 
 from .dispatch import intra_op_threads, merge_lora, worker_pool
-from .merge_reference import default_row_block, fold_scales, merge_lora_reference
+from .merge_reference import default_row_block, fold_scales, merge_rows_into
 
 CHUNK_BYTES = 16 * 2**20
+STREAM_BLOCK_BYTES = 2 * 2**20  # float32 bytes per row block (measured best of 1, 2, 4 MiB)
 MERGE_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -121,8 +122,10 @@ class SafetensorsStreamWriter:
     """Write a safetensors file whose tensor list is known up front: the
     header (8-byte length + JSON, space-padded so data starts 8-byte aligned,
     as the safetensors library writes it) goes out first, then each tensor's
-    bytes are appended in the declared order. Nothing is buffered beyond the
-    tensor being written."""
+    bytes go to their place, claimed in the declared order. Every write names
+    its offset (os.pwrite, copy_file_range with offsets), so a claimed
+    tensor's bytes can be written by other threads, in any order, with
+    `write_at`. Nothing is buffered beyond the tensor being written."""
 
     def __init__(self, path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
         self.path = Path(path)
@@ -141,14 +144,15 @@ class SafetensorsStreamWriter:
         self.data_length = offset
         self.size = 8 + len(raw) + offset
         self._next = 0
+        self._offset = 8 + len(raw)  # file offset of the next declared tensor's bytes
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(self._fd, len(raw).to_bytes(8, "little") + raw)
+            _pwrite_all(self._fd, len(raw).to_bytes(8, "little") + raw, 0)
         except BaseException:
             os.close(self._fd)
             raise
 
-    def _expect(self, name: str, nbytes: int) -> None:
+    def _claim(self, name: str, nbytes: int) -> int:
         if self._next >= len(self.order):
             raise ValueError(f"{self.path.name}: tensor '{name}' written after the last declared tensor")
         expected_name, expected_bytes = self.order[self._next]
@@ -158,35 +162,51 @@ class SafetensorsStreamWriter:
                 f"got '{name}' ({nbytes} bytes)"
             )
         self._next += 1
+        offset, self._offset = self._offset, self._offset + nbytes
+        return offset
+
+    def claim(self, name: str, nbytes: int) -> int:
+        """The file offset of declared tensor `name` (next in order), whose bytes the
+        caller writes with `write_at` before close()."""
+        return self._claim(name, nbytes)
+
+    def write_at(self, offset: int, data) -> None:
+        """Bytes of a claimed tensor at `offset` (safe from several threads at once)."""
+        _pwrite_all(self._fd, data, offset)
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._expect(name, data.numel())
-        _write_all(self._fd, memoryview(data.numpy()))
+        _pwrite_all(self._fd, memoryview(data.numpy()), self._claim(name, data.numel()))
 
     def write_chunks(self, name: str, nbytes: int, chunks) -> None:
         """Declared tensor `name` from an iterable of uint8 tensors / buffers."""
-        self._expect(name, nbytes)
+        offset = self._claim(name, nbytes)
         written = 0
         for chunk in chunks:
             if isinstance(chunk, torch.Tensor):
                 chunk = memoryview(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
-            _write_all(self._fd, chunk)
+            if written + len(chunk) > nbytes:
+                raise ValueError(f"{self.path.name}: tensor '{name}' got more than the {nbytes} bytes declared")
+            _pwrite_all(self._fd, chunk, offset + written)
             written += len(chunk)
         if written != nbytes:
             raise ValueError(f"{self.path.name}: tensor '{name}' got {written} bytes, {nbytes} declared")
 
     def copy_range(self, name: str, source_fd: int, offset: int, nbytes: int) -> None:
-        """Copy `nbytes` from `source_fd` at `offset` in the kernel (copy_file_range),
-        or through a bounded buffer where the kernel cannot."""
-        self._expect(name, nbytes)
+        """Declared tensor `name` from `nbytes` of `source_fd` at `offset` (`copy_at`)."""
+        self.copy_at(self._claim(name, nbytes), source_fd, offset, nbytes)
+
+    def copy_at(self, target: int, source_fd: int, offset: int, nbytes: int) -> None:
+        """Copy `nbytes` from `source_fd` at `offset` to `target` in this file, in the
+        kernel (copy_file_range: no user-space buffer), or through a bounded buffer where
+        the kernel cannot. Safe from several threads at once, like `write_at`."""
         done = 0
         if hasattr(os, "copy_file_range"):
             try:
                 while done < nbytes:
-                    copied = os.copy_file_range(source_fd, self._fd, nbytes - done, offset + done)
+                    copied = os.copy_file_range(source_fd, self._fd, nbytes - done, offset + done, target + done)
                     if copied == 0:
-                        raise OSError(f"unexpected end of file copying '{name}'")
+                        raise OSError(f"{self.path.name}: unexpected end of the source file at {offset + done}")
                     done += copied
             except OSError as error:
                 if error.errno is None or done:  # our own EOF, or a failure half-way: not a missing feature
@@ -194,8 +214,8 @@ class SafetensorsStreamWriter:
         while done < nbytes:
             chunk = os.pread(source_fd, min(CHUNK_BYTES, nbytes - done), offset + done)
             if not chunk:
-                raise OSError(f"unexpected end of file copying '{name}'")
-            _write_all(self._fd, chunk)
+                raise OSError(f"{self.path.name}: unexpected end of the source file at {offset + done}")
+            _pwrite_all(self._fd, chunk, target + done)
             done += len(chunk)
 
     def close(self) -> None:
@@ -206,6 +226,8 @@ class SafetensorsStreamWriter:
             if self._next != len(self.order):
                 missing = self.order[self._next][0]
                 raise ValueError(f"{self.path.name}: closed before tensor '{missing}' was written")
+            if os.fstat(fd).st_size != self.size:  # a claimed tensor at the end never written
+                raise ValueError(f"{self.path.name}: {os.fstat(fd).st_size} bytes written, {self.size} declared")
         finally:
             os.close(fd)
 
@@ -215,11 +237,11 @@ class SafetensorsStreamWriter:
             self._fd = -1
 
 
-def _write_all(fd: int, data) -> None:
+def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while len(view):
-        written = os.write(fd, view)
-        view = view[written:]
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 # ----------------------------------------------------------------------
@@ -440,8 +462,16 @@ def merge_checkpoint(
     temporaries: list[tuple[Path, Path]] = []  # (temporary, final)
     total_bytes = sum(item.out_nbytes for item in order) or 1
     done_bytes = 0
+
+    def written(item: _PlannedTensor) -> None:
+        nonlocal done_bytes
+        done_bytes += item.out_nbytes
+        if progress is not None:
+            progress(done_bytes / total_bytes, f"merged {item.name}")
+
     source_fds: dict[Path, int] = {}
     workers = max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+    blocks = _RowBlockPipeline(workers) if device.type == "cpu" else None
     try:
         # On CPU, row blocks go to `workers` pool threads with single-threaded torch ops
         # (kernels.dispatch), and this thread's own ops run single-threaded too.
@@ -456,12 +486,13 @@ def merge_checkpoint(
                 )
                 try:
                     for item in shard:
-                        _write_item(writer, item, source_fds[item.source_path], device, workers)
-                        done_bytes += item.out_nbytes
-                        if progress is not None:
-                            progress(done_bytes / total_bytes, f"merged {item.name}")
+                        _write_item(writer, item, source_fds[item.source_path], device, workers, blocks, written)
+                    if blocks is not None:
+                        blocks.drain()
                     writer.close()
                 finally:
+                    if blocks is not None:
+                        blocks.cancel()  # nothing left after drain(); after a failure, running blocks finish first
                     writer.abort()
 
         extra_outputs: list[tuple[Path, Path]] = []
@@ -514,62 +545,173 @@ def merge_checkpoint(
 
 
 def _write_item(
-    writer: SafetensorsStreamWriter, item: _PlannedTensor, source_fd: int, device: torch.device, workers: int
+    writer: SafetensorsStreamWriter,
+    item: _PlannedTensor,
+    source_fd: int,
+    device: torch.device,
+    workers: int,
+    blocks: _RowBlockPipeline | None,
+    written: Callable[[_PlannedTensor], None],
 ) -> None:
+    """Write one planned tensor; `written(item)` once its bytes are all in the file
+    (later, from blocks.retire, for a tensor handed to the row-block pipeline)."""
     if item.untouched:
+        if item.out_dtype == item.entry.dtype and blocks is not None:
+            blocks.copy(writer, item, source_fd, written)
+            return
         if item.out_dtype == item.entry.dtype:
             writer.copy_range(item.name, source_fd, item.data_start, item.out_nbytes)
         else:
             writer.write_chunks(item.name, item.out_nbytes, _converted_chunks(source_fd, item))
-        return
-    if item.replacement is not None:
+    elif item.replacement is not None:
         merged = item.replacement.to(TORCH_DTYPES[item.out_dtype])
         writer.write_tensor(item.name, _merge_tensor(merged, item, device, workers) if item.contributions else merged)
-        return
-    from safetensors import safe_open
+    else:
+        from safetensors import safe_open
 
-    # One handle per tensor: the mapping (and the pages it made resident) goes away with it.
-    with safe_open(str(item.source_path), framework="pt") as handle:
-        base = handle.get_tensor(item.name)
-        if device.type == "cpu" and all(c.module.magnitude is None for c in item.contributions):
-            writer.write_chunks(item.name, item.out_nbytes, _merged_row_blocks(base, item, workers))
-        else:
-            writer.write_tensor(item.name, _merge_tensor(base, item, device, workers))
-        del base
+        # One handle per tensor, closed at once: the tensor owns its mapping, which
+        # (with the pages it made resident) goes away when the last block drops it.
+        with safe_open(str(item.source_path), framework="pt") as handle:
+            base = handle.get_tensor(item.name)
+        if blocks is not None and all(c.module.magnitude is None for c in item.contributions):
+            blocks.merge(writer, item, base, written)
+            return
+        writer.write_tensor(item.name, _merge_tensor(base, item, device, workers))
+    written(item)
 
 
-def _merged_row_blocks(base: torch.Tensor, item: _PlannedTensor, workers: int):
-    """LoRA-only merge of one tensor, yielded as row blocks in order: `workers` pool
-    threads compute blocks ahead (at most 2·workers blocks in flight) while the
-    caller writes the finished ones, so memory holds a few blocks, not the tensor."""
-    out_dtype = TORCH_DTYPES[item.out_dtype]
-    W = base.reshape(base.shape[0], -1)
-    rows, columns = W.shape
-    factors = [_delta_factors(c) for c in item.contributions]
-    compute = torch.promote_types(torch.float32, out_dtype)
-    Bs = [f[0] for f in factors]
-    As, scales = fold_scales([f[1].to(compute) for f in factors], [f[2] for f in factors])  # once, not per block
-    row_block = default_row_block(int(columns))
+class _RowBlockPipeline:
+    """The CPU work of a shard as independent tasks, each writing its own byte
+    range of the output at its own offset (`SafetensorsStreamWriter.write_at`,
+    `copy_at`), so nothing waits on order and no data is handed between threads:
 
-    def block(start: int) -> torch.Tensor:
-        stop = min(start + row_block, rows)
-        weight = W[start:stop].to(out_dtype)  # cast first, as from_pretrained(torch_dtype=…) would
-        out = torch.empty((stop - start, columns), dtype=out_dtype)
-        return merge_lora_reference(weight, [B[start:stop] for B in Bs], As, scales, out=out)
+    * a row block of a LoRA-only tensor: read from the base mapping, merged in
+      float32 into a reused buffer (`merge_rows_into`), rounded, written;
+    * a CHUNK_BYTES piece of an untouched tensor: copied in the kernel.
 
-    pool = worker_pool(workers)
-    starts = iter(range(0, rows, row_block))
-    in_flight: deque[Future] = deque(pool.submit(block, start) for start in islice(starts, 2 * workers))
-    try:
-        while in_flight:
-            result = in_flight.popleft().result()
-            following = next(starts, None)
-            if following is not None:
-                in_flight.append(pool.submit(block, following))
-            yield result
-    finally:
-        for future in in_flight:
+    Tasks run on `workers` pool threads (kernels.dispatch.worker_pool,
+    single-threaded torch ops), so page faults, compute and page-cache writes
+    are spread over the cores. At most 2·workers tasks are queued; past that
+    this thread runs the next task itself instead of waiting. Only workers + 1
+    buffer sets exist, and a tensor's mapping lives until its last block is
+    done: memory is a few blocks and tensors, whatever the model. `retire`
+    takes finished tasks in submission order, raising their errors and
+    reporting each tensor when its last task is done."""
+
+    def __init__(self, workers: int):
+        self.pool = worker_pool(workers)
+        self.limit = 2 * workers
+        self.in_flight: deque[tuple[Future, Callable[[], None] | None]] = deque()
+        self.buffers: SimpleQueue[_BlockBuffers] = SimpleQueue()
+        for _ in range(workers + 1):  # the pool's threads and this one
+            self.buffers.put(_BlockBuffers())
+
+    def merge(
+        self, writer: SafetensorsStreamWriter, item: _PlannedTensor, base: torch.Tensor,
+        written: Callable[[_PlannedTensor], None],
+    ) -> None:
+        out_dtype = TORCH_DTYPES[item.out_dtype]
+        compute = torch.promote_types(torch.float32, out_dtype)
+        W = base.reshape(base.shape[0], -1)
+        rows, columns = W.shape
+        offset = writer.claim(item.name, item.out_nbytes)
+        if W.numel() == 0:
+            written(item)
+            return
+        factors = [_delta_factors(c) for c in item.contributions]
+        Bs = [f[0] for f in factors]
+        As, scales = fold_scales([f[1].to(compute) for f in factors], [f[2] for f in factors])  # once, not per block
+        row_block = default_row_block(int(columns), STREAM_BLOCK_BYTES)
+        row_bytes = columns * DTYPE_ITEMSIZE[item.out_dtype]
+
+        def block(start: int) -> None:
+            stop = min(start + row_block, rows)
+            buffers = self.buffers.get()
+            try:
+                acc, tmp = buffers.views(stop - start, columns, compute)
+                weight = W[start:stop]
+                if weight.dtype != out_dtype:  # cast first, as from_pretrained(torch_dtype=…) would
+                    weight = weight.to(out_dtype)
+                merge_rows_into(acc, weight, [B[start:stop] for B in Bs], As, scales, tmp)
+                merged = acc if out_dtype == compute else buffers.out(stop - start, columns, out_dtype).copy_(acc)
+                writer.write_at(offset + start * row_bytes, memoryview(merged.reshape(-1).view(torch.uint8).numpy()))
+            finally:
+                self.buffers.put(buffers)
+
+        starts = range(0, rows, row_block)
+        for start in starts:
+            last = start == starts[-1]
+            self.submit(block, start, then=(lambda: written(item)) if last else None)
+
+    def copy(
+        self, writer: SafetensorsStreamWriter, item: _PlannedTensor, source_fd: int,
+        written: Callable[[_PlannedTensor], None],
+    ) -> None:
+        """An untouched tensor, copied in the kernel in CHUNK_BYTES pieces by the same
+        threads, so the copies overlap the merges instead of holding them up."""
+        offset, nbytes = writer.claim(item.name, item.out_nbytes), item.out_nbytes
+
+        def chunk(start: int) -> None:
+            writer.copy_at(offset + start, source_fd, item.data_start + start, min(CHUNK_BYTES, nbytes - start))
+
+        starts = range(0, nbytes, CHUNK_BYTES)
+        if not starts:
+            written(item)
+        for start in starts:
+            self.submit(chunk, start, then=(lambda: written(item)) if start == starts[-1] else None)
+
+    def submit(self, fn: Callable[[int], None], arg: int, then: Callable[[], None] | None) -> None:
+        while self.in_flight and self.in_flight[0][0].done():
+            self.retire()
+        if len(self.in_flight) < self.limit:
+            self.in_flight.append((self.pool.submit(fn, arg), then))
+            return
+        # Queue full: this thread merges the block itself rather than wait idle (on a
+        # machine whose cores are shared, that is also one more thread's share of them).
+        future: Future = Future()
+        try:
+            fn(arg)
+            future.set_result(None)
+        except Exception as error:  # raised by retire(), in order, like a pool task's
+            future.set_exception(error)
+        self.in_flight.append((future, then))  # retired in order, like the others
+
+    def retire(self) -> None:
+        """Wait for the oldest task (raising its error) and run what follows it."""
+        future, then = self.in_flight.popleft()
+        future.result()
+        if then is not None:
+            then()
+
+    def drain(self) -> None:
+        while self.in_flight:
+            self.retire()
+
+    def cancel(self) -> None:
+        """After a failure: drop queued tasks and wait for running ones, so nothing
+        writes to a file after it is closed."""
+        for future, _ in self.in_flight:
             future.cancel()
-        for future in in_flight:
+        for future, _ in self.in_flight:
             if not future.cancelled():
-                future.exception()  # let running blocks finish before the mapping closes
+                future.exception()
+        self.in_flight.clear()
+
+
+class _BlockBuffers:
+    """One worker's reused block buffers (grown to the largest block seen)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def _get(self, role: str, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+        flat = self._flat.get((role, dtype))
+        if flat is None or flat.numel() < rows * columns:
+            flat = self._flat[(role, dtype)] = torch.empty(rows * columns, dtype=dtype)
+        return flat[: rows * columns].view(rows, columns)
+
+    def views(self, rows: int, columns: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._get("acc", rows, columns, dtype), self._get("tmp", rows, columns, dtype)
+
+    def out(self, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+        return self._get("out", rows, columns, dtype)

@@ -87,6 +87,25 @@ def test_row_blocks_out_and_in_place_give_identical_bits():
     assert torch.equal(in_place, whole)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("rank", [16, 320])
+def test_fused_addmm_blocks_give_the_two_step_bits(dtype, rank):
+    """Scale 1 after folding (alpha/r = 2): blocks after the first of each shape may be one
+    addmm_, kept only where it matched `float(W) + B @ A` (PEFT's order) on the first.
+    Whatever the BLAS does (MKL's sgemm on AVX-512 matches for small ranks, its dgemm and
+    sgemm past K-blocking do not), every block must give the two-step bits."""
+    from kernels.merge_reference import _FUSED_ADD_EXACT
+
+    W, Bs, As = factors(64 * 9 + 5, 200, (rank,), dtype, seed=3)
+    compute = torch.promote_types(torch.float32, dtype)
+    two_step = (W.to(compute) + Bs[0].to(compute) @ (As[0].to(compute) * 2.0)).to(dtype)
+    with intra_op_threads(1):
+        blocked = merge_lora_reference(W, Bs, As, [2.0], row_block=64)
+    assert torch.equal(blocked, two_step)
+    key = (compute, (64, 200), (rank, 200), 1)
+    assert key in _FUSED_ADD_EXACT  # the first block decided for the others
+
+
 def test_reference_refuses_mismatched_factors():
     W, Bs, As = factors(8, 6, (2,))
     with pytest.raises(ValueError, match="does not give the weight's shape"):
