@@ -29,6 +29,10 @@ Rounding, and what it matches in PEFT 0.21 (`merge_and_unload`, CPU):
   B @ (2ᵏ·A) is 2ᵏ·(B @ A) bit for bit, and a pass over the block is saved.
   (The one exception would be products in float32's subnormal range, below
   2⁻¹²⁶ ≈ 1e-38, far under any weight's rounding.)
+* A term whose scale is 1 after folding may run as one `acc.addmm_(B, A)`
+  (W's block in acc, then acc += B @ A inside the GEMM: a pass saved), but
+  only where the first block of that shape showed it gives exactly
+  `acc + (B @ A)`; see `merge_rows_into`.
 * Not matched: PEFT on CUDA with bf16/fp16 LoRA weights runs the matmul in
   that dtype (cuBLAS), which no CPU computation reproduces bit for bit.
 

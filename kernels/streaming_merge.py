@@ -10,27 +10,44 @@ Memory stays near one tensor, never the model:
   `read_safetensors_header`: dtypes, shapes, offsets that tile the file).
 * The output layout is known before any tensor is read (names, dtypes,
   shapes come from the base headers), so every output file's safetensors
-  header is written first and tensors are appended in order by
-  `SafetensorsStreamWriter`; sharding follows transformers
-  (huggingface_hub's greedy split in tensor order: a tensor that would push
-  the shard over `max_shard_bytes` starts the next one, one larger than the
-  limit gets a shard of its own; `model-0000i-of-0000N.safetensors` + an
-  index with metadata.total_size / total_parameters and weight_map; a single
-  `model.safetensors` when it all fits).
+  header is written first and each tensor's bytes have a known offset
+  (`SafetensorsStreamWriter`: tensors are claimed in order, and every write
+  names its offset, so any thread can write any claimed range); sharding
+  follows transformers (huggingface_hub's greedy split in tensor order: a
+  tensor that would push the shard over `max_shard_bytes` starts the next
+  one, one larger than the limit gets a shard of its own;
+  `model-0000i-of-0000N.safetensors` + an index with metadata.total_size /
+  total_parameters and weight_map; a single `model.safetensors` when it all
+  fits).
 * An adapted tensor is read with safetensors' `safe_open`, opened for that
-  tensor only (safetensors 0.8 maps the file: every page read stays resident
-  while the handle is open, so one handle per file would grow RSS to the
-  file size). A tensor nothing touches and whose dtype stays the same is
-  copied byte for byte from its validated range (`os.copy_file_range`, in
-  the kernel, no user-space buffer); one whose dtype changes is converted in
-  chunks of `CHUNK_BYTES`.
-* A LoRA-only tensor on the CPU is merged a row block at a time
-  (`kernels.merge_reference.default_row_block`, ~1 MiB of float32): worker
-  threads (as many as torch's intra-op threads, each running single-threaded
-  torch ops) compute up to 2·workers blocks ahead while this thread writes the
-  finished ones in order, so reading (page faults on the mapping), compute
-  and writing overlap and only a few blocks are ever allocated. DoRA, a
-  replaced tensor, or a CUDA `device` merges the whole tensor at once.
+  tensor only and closed at once: the tensor owns its own mapping of the
+  file, and the pages it made resident go when it does (one handle per file
+  would keep every page read resident, growing RSS to the file size). A
+  tensor nothing touches and whose dtype stays the same is copied byte for
+  byte from its validated range (`os.copy_file_range`, in the kernel, no
+  user-space buffer); one whose dtype changes is converted in chunks of
+  `CHUNK_BYTES`.
+* On the CPU a shard is a list of independent tasks (`_RowBlockPipeline`):
+  each row block of a LoRA-only tensor (`STREAM_BLOCK_BYTES` of float32,
+  ~2 MiB) is read from the mapping, merged into reused buffers
+  (`kernels.merge_reference.merge_rows_into`), rounded and written at its
+  offset; each `CHUNK_BYTES` piece of an untouched tensor is copied in the
+  kernel. Worker threads (as many as torch's intra-op threads, each running
+  single-threaded torch ops) take the tasks, this thread runs one itself
+  when 2·workers are queued, so page faults, compute and page-cache writes
+  overlap on every core with no ordered hand-off, and only a few blocks are
+  ever allocated. DoRA, a replaced tensor, or a CUDA `device` merges the
+  whole tensor at once.
+* Measured (`benchmarks/merge.py`: 1.14 GB bf16 Llama, 10 layers, r=16 on
+  every linear layer; 2 vCPUs shared with other work, load ≈ 4.6): 1.05 s,
+  1.04 CPU-s, bit-exact with PEFT (whose merge_and_unload + save_pretrained
+  took 9.9 s); the plain copy of the file 0.37 s, 0.33 CPU-s; peak RSS
+  growth 7.5 % of the checkpoint. Where the time goes (one thread, per
+  weight): addmm_ (rank-16 matmul and add) ≈ 0.5 ns, the bf16→fp32 upcast
+  from the page cache (with its page faults) ≈ 0.3 ns, rounding ≈ 0.13 ns,
+  then writing ≈ 0.23 ns per byte, what the copy spends too. The merge is
+  CPU-bound at about 3× the copy's CPU time, so it gets near the copy's
+  wall time only with cores to spare.
 * Files are written under hidden temporary names in `out_dir` and renamed
   into place only when everything has been written (weights, then index,
   then config.json), so no partial checkpoint is ever visible; a failure
@@ -45,7 +62,8 @@ What a merged tensor is (W: base tensor, in the output dtype):
 * LoRA module of adapter i with weight wᵢ: ΔWᵢ = wᵢ·sᵢ·Bᵢ·Aᵢ in W's layout
   (conv kernels reshaped, embeddings and fan_in_fan_out weights transposed,
   as PEFT's get_delta_weight). merged = W + Σᵢ ΔWᵢ in float32, rounded once
-  (`kernels.dispatch.merge_lora`; bit-exact with PEFT's merge_and_unload for
+  (`kernels.merge_reference.merge_rows_into` row block by row block on the
+  CPU, `kernels.dispatch.merge_lora` for whole tensors; bit-exact with PEFT's merge_and_unload for
   one adapter at weight 1, see kernels.merge_reference).
 * DoRA (`LoraModule.merged_weight`): one DoRA module at weight 1 alone on a
   tensor gives exactly PEFT's DoRA merge, m/‖W + ΔW‖_row · (W + ΔW). With
