@@ -31,8 +31,8 @@ Rounding, and what it matches in PEFT 0.21 (`merge_and_unload`, CPU):
   2⁻¹²⁶ ≈ 1e-38, far under any weight's rounding.)
 * A term whose scale is 1 after folding may run as one `acc.addmm_(B, A)`
   (W's block in acc, then acc += B @ A inside the GEMM: a pass saved), but
-  only where the first block of that shape showed it gives exactly
-  `acc + (B @ A)`; see `merge_rows_into`.
+  only where `fused_add_is_exact` found that it gives exactly `acc + (B @ A)`
+  for that shape, dtype and device.
 * Not matched: PEFT on CUDA with bf16/fp16 LoRA weights runs the matmul in
   that dtype (cuBLAS), which no CPU computation reproduces bit for bit.
 
@@ -112,27 +112,15 @@ def merge_rows_into(
     (`fold_scales`); tmp: a buffer like acc. Returns acc.
 
     A term with scale 1 (after folding) and no delta_dtype is one
-    `acc.addmm_(B, A)` when that gives the same bits as `acc + (B @ A)`: it
-    does when the BLAS sums the rank-r products in registers and adds C once
-    at the end (MKL's sgemm on AVX-512 for r ≤ 192), and not when it starts
-    from C or splits K (MKL's dgemm, sgemm for larger r). BLAS promises
-    neither, so the first block of each (dtype, shape, threads) computes both
-    and keeps the fused form only if every bit agrees (`_FUSED_ADD_EXACT`);
-    the fused form saves a pass over the block (~25% of the merge's compute)."""
+    `acc.addmm_(B, A)` where that gives the same bits as `acc + (B @ A)`
+    (`fused_add_is_exact`): a pass over the block saved, ~25% of the merge's
+    compute."""
     acc.copy_(weight)
     for B, A, scale in zip(Bs, As, scales):
         B = B.to(acc.dtype)
-        if scale == 1.0 and delta_dtype is None:
-            key = (acc.dtype, tuple(acc.shape), tuple(A.shape), torch.get_num_threads())
-            exact = _FUSED_ADD_EXACT.get(key)
-            if exact:
-                acc.addmm_(B, A)
-                continue
-            if exact is None:
-                fused = acc.clone().addmm_(B, A)
-                acc.add_(torch.mm(B, A, out=tmp))
-                _FUSED_ADD_EXACT[key] = torch.equal(fused, acc)
-                continue
+        if scale == 1.0 and delta_dtype is None and fused_add_is_exact(acc, B, A):
+            acc.addmm_(B, A)
+            continue
         torch.mm(B, A, out=tmp)  # PEFT: B @ A in float32 …
         if scale != 1.0:
             tmp.mul_(float(scale))  # … then * scaling
@@ -142,7 +130,28 @@ def merge_rows_into(
     return acc
 
 
-# (compute dtype, block shape, A shape, torch threads) → does acc.addmm_(B, A) give
+def fused_add_is_exact(C: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> bool:
+    """Does C.addmm_(B, A) give exactly C + (B @ A) for these shapes, dtype, device and
+    thread count? It does when the GEMM sums the rank-r products in registers and adds C
+    once at the end (MKL's sgemm on AVX-512 up to r = 192), and not when it starts from
+    C or splits K (MKL's dgemm; sgemm for larger r). BLAS promises neither, so each
+    combination is tried once on random data of the same shapes (the block's own data
+    could hide a difference: a zero B, as a fresh LoRA has, agrees either way) and the
+    answer is kept in `_FUSED_ADD_EXACT`."""
+    key = (C.device.type, C.dtype, tuple(C.shape), tuple(A.shape), torch.get_num_threads())
+    exact = _FUSED_ADD_EXACT.get(key)
+    if exact is None:
+        generator = torch.Generator(device=C.device).manual_seed(0)
+
+        def sample(shape):
+            return torch.randn(shape, generator=generator, dtype=C.dtype, device=C.device)
+
+        C0, B0, A0 = sample(C.shape), sample(B.shape), sample(A.shape)
+        exact = _FUSED_ADD_EXACT[key] = torch.equal(C0.clone().addmm_(B0, A0), C0 + B0 @ A0)
+    return exact
+
+
+# (device, compute dtype, block shape, A shape, torch threads) → does acc.addmm_(B, A) give
 # exactly acc + B @ A? Filled by merge_rows_into from its first block of each key.
 _FUSED_ADD_EXACT: dict[tuple, bool] = {}
 

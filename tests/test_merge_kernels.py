@@ -90,11 +90,17 @@ def test_row_blocks_out_and_in_place_give_identical_bits():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("rank", [16, 320])
 def test_fused_addmm_blocks_give_the_two_step_bits(dtype, rank):
-    """Scale 1 after folding (alpha/r = 2): blocks after the first of each shape may be one
-    addmm_, kept only where it matched `float(W) + B @ A` (PEFT's order) on the first.
-    Whatever the BLAS does (MKL's sgemm on AVX-512 matches for small ranks, its dgemm and
-    sgemm past K-blocking do not), every block must give the two-step bits."""
+    """Scale 1 after folding (alpha/r = 2): a block may be one addmm_, used only where
+    fused_add_is_exact found it gives `float(W) + B @ A` (PEFT's order). Whatever the BLAS
+    does (MKL's sgemm on AVX-512 matches for small ranks, its dgemm and sgemm past
+    K-blocking do not), every block must give the two-step bits, and a zero B (a fresh
+    LoRA) must not be what decides."""
     from kernels.merge_reference import _FUSED_ADD_EXACT
+
+    Bs_zero_first = [torch.zeros(64, rank)]
+    W0 = torch.randn(64, 200, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with intra_op_threads(1):
+        merge_lora_reference(W0, Bs_zero_first, [torch.randn(rank, 200)], [1.0], row_block=64)
 
     W, Bs, As = factors(64 * 9 + 5, 200, (rank,), dtype, seed=3)
     compute = torch.promote_types(torch.float32, dtype)
@@ -102,7 +108,7 @@ def test_fused_addmm_blocks_give_the_two_step_bits(dtype, rank):
     with intra_op_threads(1):
         blocked = merge_lora_reference(W, Bs, As, [2.0], row_block=64)
     assert torch.equal(blocked, two_step)
-    key = (compute, (64, 200), (rank, 200), 1)
+    key = ("cpu", compute, (64, 200), (rank, 200), 1)
     assert key in _FUSED_ADD_EXACT  # the first block decided for the others
 
 
