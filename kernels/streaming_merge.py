@@ -39,9 +39,9 @@ Memory stays near one tensor, never the model:
   ever allocated. DoRA, a replaced tensor, or a CUDA `device` merges the
   whole tensor at once.
 * Measured (`benchmarks/merge.py`: 1.14 GB bf16 Llama, 10 layers, r=16 on
-  every linear layer; 2 vCPUs shared with other work, load ≈ 4.6): 1.05 s,
-  1.04 CPU-s, bit-exact with PEFT (whose merge_and_unload + save_pretrained
-  took 9.9 s); the plain copy of the file 0.37 s, 0.33 CPU-s; peak RSS
+  every linear layer; 2 vCPUs shared with other work, load ≈ 5.8): 1.05 s,
+  0.97 CPU-s, bit-exact with PEFT (whose merge_and_unload + save_pretrained
+  took 14.9 s); the plain copy of the file 0.36 s, 0.32 CPU-s; peak RSS
   growth 7.5 % of the checkpoint. Where the time goes (one thread, per
   weight): addmm_ (rank-16 matmul and add) ≈ 0.5 ns, the bf16→fp32 upcast
   from the page cache (with its page faults) ≈ 0.3 ns, rounding ≈ 0.13 ns,
