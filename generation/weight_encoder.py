@@ -9,14 +9,19 @@ Pipeline
 1. `module_features`: per LoRA module, features of ΔW = scale·B@A that do not
    depend on the arbitrary factorisation (A, B) → (R·A, B·R⁻¹), nor on rank
    padding, nor on the sign of singular vectors. Computed from the thin SVD of
-   ΔW (`kernels.lowrank.lowrank_svd`, never forming the dense matrix).
-2. Module identity: a hashed module-kind embedding ("q_proj", "query", ...),
-   the relative depth of the module's layer, and its LoRA kind.
-3. `WeightEncoder`: DeepSets with attention pooling — an MLP per module,
-   mean + attention-weighted pooling over the adapter's modules (any number,
-   any ranks), an MLP to TEXT_DIM, L2-normalised.
-4. `train_encoder`: symmetric InfoNCE between encoded adapters and the
-   embeddings of their descriptions.
+   ΔW (`kernels.lowrank.lowrank_svd`, never forming the dense matrix). The
+   direction sketch uses random projections seeded by the module's place
+   (kind, layer) and shape, so the sum of the sketches of an adapter's modules
+   is one Johnson–Lindenstrauss sketch of all its updates side by side: which
+   layer changed how is kept, a missing module counts as zero, and any rank or
+   module set pools to the same length.
+2. `WeightEncoder`: pooling (sum of sketches, mean of spectra) and one affine
+   map to TEXT_DIM, L2-normalised. Linear on purpose: a hub trains it on tens
+   to thousands of described adapters, and on the LoRA zoo a linear map of the
+   pooled sketch found held-out tasks where an MLP over modules memorised its
+   training set (benchmarks/retrieval_eval.py; README "Retrieval on the zoo").
+3. `train_encoder`: symmetric InfoNCE between encoded adapters and the
+   embeddings of their descriptions (full batch, AdamW).
 
 Pure torch; nothing here imports Django. Weights are stored as safetensors
 with a JSON sidecar (never pickle).
@@ -42,29 +47,37 @@ from kernels.lowrank import lowrank_svd
 
 # Bump whenever features or architecture change: embeddings made by different
 # versions live in different spaces and must never be compared.
-ENCODER_VERSION = "weight-encoder/1"
+ENCODER_VERSION = "weight-encoder/2"
 
 DEFAULT_K = 8
 DEFAULT_PROJ_DIM = 32
-KIND_BUCKETS = 64  # hashed vocabulary of module kinds ("q_proj", "query", "to_k", ...)
-LORA_KINDS = ("linear", "conv", "embedding")
-IDENTITY_DIM = 2 + len(LORA_KINDS)  # [relative depth, has layer index, one-hot LoRA kind]
 _LOG_RANGE = math.log(1e6)  # log-scaled magnitudes are divided by this (≈ [-1, 1] for 1e-6..1e6)
 _EPS = 1e-6
 
 
 def feature_dim(k: int = DEFAULT_K, proj_dim: int = DEFAULT_PROJ_DIM) -> int:
-    """Length of `module_features(..., k=k, proj_dim=proj_dim)`."""
-    return 2 * k + 2 + proj_dim * proj_dim
+    """Length of `module_features(..., k=k, proj_dim=proj_dim)` and of a pooled adapter."""
+    return spectral_dim(k) + proj_dim * proj_dim
 
 
-@lru_cache(maxsize=64)
-def _projection(dim: int, proj_dim: int) -> torch.Tensor:
-    """Fixed Gaussian projection R^dim → R^proj_dim (float64, dim × proj_dim),
-    seeded by the dimension alone: every adapter on the same base model (same
-    in/out features) is sketched by the same matrix, on any machine."""
-    generator = torch.Generator().manual_seed(int(dim))
+def spectral_dim(k: int = DEFAULT_K) -> int:
+    return 2 * k + 2
+
+
+@lru_cache(maxsize=32)  # bounded: a 7B adapter has hundreds of slots
+def _projection(dim: int, proj_dim: int, slot: str) -> torch.Tensor:
+    """Fixed Gaussian projection R^dim → R^proj_dim (float64, dim × proj_dim), seeded
+    by the dimension and the module's slot ("q_proj@3"): the same matrix for the same
+    module of any adapter on any machine, independent ones for different modules."""
+    seed = zlib.crc32(f"{int(dim)}:{int(proj_dim)}:{slot}".encode("utf-8"))
+    generator = torch.Generator().manual_seed(seed)
     return torch.randn(int(dim), int(proj_dim), generator=generator, dtype=torch.float64)
+
+
+def module_slot(path: str) -> str:
+    """Where a module sits, independent of the naming scheme's prefixes: "kind@layer"."""
+    layer, kind = parse_module_path(path)
+    return f"{kind.lower()}@{'' if layer is None else layer}"
 
 
 def module_features(path: str, module: LoraModule, *, k: int = DEFAULT_K, proj_dim: int = DEFAULT_PROJ_DIM) -> torch.Tensor:
@@ -78,7 +91,8 @@ def module_features(path: str, module: LoraModule, *, k: int = DEFAULT_K, proj_d
     - effective rank: exp(entropy of sᵢ²/Σsⱼ²) / k;
     - directions: the sketch Σᵢ wᵢ·(P_outᵀuᵢ)(P_inᵀvᵢ)ᵀ over the top k, with
       wᵢ = sᵢ/‖s‖₂ and P_out (out × proj_dim), P_in (in × proj_dim) fixed
-      Gaussian matrices seeded by the dimension; flattened (proj_dim²).
+      Gaussian matrices seeded by the dimension and the module's slot
+      (`module_slot`), scaled by 1/proj_dim; flattened (proj_dim²).
 
     Sign invariance — why the outer product: a singular pair is only defined
     up to (uᵢ, vᵢ) → (-uᵢ, -vᵢ), and for (near-)equal singular values only up
@@ -91,11 +105,12 @@ def module_features(path: str, module: LoraModule, *, k: int = DEFAULT_K, proj_d
     is just P_outᵀ·ΔW_k·P_in / ‖s‖ for the rank-k truncation ΔW_k), so the
     features are continuous in ΔW and keep the pairing of input and output
     directions — a Johnson–Lindenstrauss sketch of the normalised update.
+    Seeding the projections by slot makes the sketches of different modules
+    independent, so their sum (`pool`) sketches the concatenation.
 
     Only ΔW is used, so features(A, B) == features(R·A, B·R⁻¹) for any
     invertible R, and zero-padding the rank changes nothing. A DoRA magnitude
-    vector is ignored (it depends on the base weights). `path` is accepted for
-    symmetry with `module_identity` and for error messages.
+    vector is ignored (it depends on the base weights).
     """
     A = module.A.reshape(module.A.shape[0], -1).to(torch.float64)
     B = module.B.reshape(module.B.shape[0], -1).to(torch.float64)
@@ -115,10 +130,10 @@ def module_features(path: str, module: LoraModule, *, k: int = DEFAULT_K, proj_d
     entropy = -(energy * torch.log(energy.clamp_min(1e-30))).sum()
     eff_rank = torch.exp(entropy) / k if total > _EPS else torch.zeros((), dtype=torch.float64)
 
-    out_dim, in_dim = int(U.shape[0]), int(Vh.shape[1])
-    left = _projection(out_dim, proj_dim).T @ U[:, :top]  # proj_dim × top
-    right = Vh[:top] @ _projection(in_dim, proj_dim)  # top × proj_dim
-    sketch = (left * (S[:top] / (total + _EPS))) @ right  # proj_dim × proj_dim
+    out_dim, in_dim, slot = int(U.shape[0]), int(Vh.shape[1]), module_slot(path)
+    left = _projection(out_dim, proj_dim, "out:" + slot).T @ U[:, :top]  # proj_dim × top
+    right = Vh[:top] @ _projection(in_dim, proj_dim, "in:" + slot)  # top × proj_dim
+    sketch = (left * (S[:top] / (total + _EPS))) @ right / proj_dim  # proj_dim × proj_dim, entries ~ 1/proj_dim
 
     spectral = torch.cat([rel, log_s, log_total.reshape(1), eff_rank.reshape(1)])
     return torch.cat([spectral, sketch.reshape(-1)]).to(torch.float32)
@@ -145,118 +160,63 @@ def parse_module_path(path: str) -> tuple[int | None, str]:
     return layer, kind
 
 
-def kind_bucket(kind: str) -> int:
-    """Stable hash (crc32, not Python's salted hash) of a module kind into the vocabulary."""
-    return zlib.crc32(kind.lower().encode("utf-8")) % KIND_BUCKETS
-
 
 @dataclass
 class AdapterFeatures:
     """An adapter prepared for the encoder (computed once; cheap to re-encode)."""
 
-    features: torch.Tensor  # M × feature_dim
-    kind_ids: torch.Tensor  # M (long)
-    identity: torch.Tensor  # M × IDENTITY_DIM
+    features: torch.Tensor  # M × feature_dim, one row per module
     paths: list[str]
+    spectral_columns: int  # the first columns of each row: spectral features; the rest: the sketch
+
+    def pooled(self) -> torch.Tensor:
+        """(feature_dim,): mean of the modules' spectral features ‖ sum of their sketches.
+        The sum of slot-seeded sketches sketches every module's update side by side, so an
+        adapter with fewer modules is the same adapter with zeros elsewhere."""
+        split = self.spectral_columns
+        return torch.cat([self.features[:, :split].mean(0), self.features[:, split:].sum(0)])
 
 
 def adapter_features(adapter: CanonicalAdapter, *, k: int = DEFAULT_K, proj_dim: int = DEFAULT_PROJ_DIM) -> AdapterFeatures:
-    """Module features + identities of every module (sorted by path)."""
+    """Module features of every module (sorted by path)."""
     paths = sorted(adapter.modules)
     if not paths:
         raise ValueError("adapter has no LoRA modules to encode")
-    parsed = [parse_module_path(path) for path in paths]
-    max_layer = max((layer for layer, _ in parsed if layer is not None), default=0)
-    features, kind_ids, identity = [], [], []
-    for path, (layer, kind) in zip(paths, parsed):
-        module = adapter.modules[path]
-        features.append(module_features(path, module, k=k, proj_dim=proj_dim))
-        kind_ids.append(kind_bucket(kind))
-        depth = (layer / max_layer) if (layer is not None and max_layer > 0) else 0.0
-        lora_kind = [1.0 if module.kind == name else 0.0 for name in LORA_KINDS]
-        identity.append([depth, 1.0 if layer is not None else 0.0, *lora_kind])
-    return AdapterFeatures(
-        features=torch.stack(features),
-        kind_ids=torch.tensor(kind_ids, dtype=torch.long),
-        identity=torch.tensor(identity, dtype=torch.float32),
-        paths=paths,
-    )
-
-
-def collate(prepared: list[AdapterFeatures]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad a list of prepared adapters to (features, kind_ids, identity, mask), each batch × M_max × …"""
-    size = max(item.features.shape[0] for item in prepared)
-    batch = len(prepared)
-    dim = prepared[0].features.shape[1]
-    features = torch.zeros(batch, size, dim)
-    kind_ids = torch.zeros(batch, size, dtype=torch.long)
-    identity = torch.zeros(batch, size, IDENTITY_DIM)
-    mask = torch.zeros(batch, size, dtype=torch.bool)
-    for row, item in enumerate(prepared):
-        if item.features.shape[1] != dim:
-            raise ValueError("prepared adapters were made with different k / proj_dim")
-        m = item.features.shape[0]
-        features[row, :m] = item.features
-        kind_ids[row, :m] = item.kind_ids
-        identity[row, :m] = item.identity
-        mask[row, :m] = True
-    return features, kind_ids, identity, mask
+    features = torch.stack([module_features(path, adapter.modules[path], k=k, proj_dim=proj_dim) for path in paths])
+    return AdapterFeatures(features=features, paths=paths, spectral_columns=spectral_dim(k))
 
 
 class WeightEncoder(nn.Module):
-    """DeepSets with attention pooling over an adapter's modules → TEXT_DIM (unit norm).
+    """Pooled module features → TEXT_DIM (unit norm) by one affine map.
 
-    per module: φ([features ‖ kind embedding ‖ identity]) → hidden
-    pooled:     [mean over modules ‖ softmax(attention score)-weighted sum]
-    output:     ρ(pooled) → out_dim, L2-normalised
+    x = pool(adapter) (`AdapterFeatures.pooled`), standardised with the training set's
+    mean and mean norm (buffers), then normalize(W·x + b).
     """
 
-    def __init__(
-        self,
-        *,
-        k: int = DEFAULT_K,
-        proj_dim: int = DEFAULT_PROJ_DIM,
-        hidden: int = 256,
-        kind_dim: int = 16,
-        out_dim: int = TEXT_DIM,
-        kind_buckets: int = KIND_BUCKETS,
-    ):
+    def __init__(self, *, k: int = DEFAULT_K, proj_dim: int = DEFAULT_PROJ_DIM, out_dim: int = TEXT_DIM):
         super().__init__()
-        self.k, self.proj_dim, self.hidden, self.kind_dim = int(k), int(proj_dim), int(hidden), int(kind_dim)
-        self.out_dim, self.kind_buckets = int(out_dim), int(kind_buckets)
-        in_dim = feature_dim(self.k, self.proj_dim) + self.kind_dim + IDENTITY_DIM
-        self.kind_embedding = nn.Embedding(self.kind_buckets, self.kind_dim)
-        self.phi = nn.Sequential(
-            nn.Linear(in_dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, self.hidden), nn.GELU()
-        )
-        self.attention = nn.Linear(self.hidden, 1)
-        self.rho = nn.Sequential(nn.Linear(2 * self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, self.out_dim))
+        self.k, self.proj_dim, self.out_dim = int(k), int(proj_dim), int(out_dim)
+        dim = feature_dim(self.k, self.proj_dim)
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_scale", torch.ones(()))
+        self.linear = nn.Linear(dim, self.out_dim)
         self.training_curve: list[dict] = []
         self.metadata: dict = {}
 
     def config(self) -> dict:
         """Architecture hyper-parameters (what `WeightEncoder(**config)` needs)."""
-        return {
-            "k": self.k, "proj_dim": self.proj_dim, "hidden": self.hidden, "kind_dim": self.kind_dim,
-            "out_dim": self.out_dim, "kind_buckets": self.kind_buckets,
-        }
+        return {"k": self.k, "proj_dim": self.proj_dim, "out_dim": self.out_dim}
 
     def prepare(self, adapter: CanonicalAdapter) -> AdapterFeatures:
         return adapter_features(adapter, k=self.k, proj_dim=self.proj_dim)
 
-    def forward(self, features: torch.Tensor, kind_ids: torch.Tensor, identity: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Batched path: padded tensors from `collate` → batch × out_dim (unit rows)."""
-        x = torch.cat([features, self.kind_embedding(kind_ids), identity], dim=-1)
-        h = self.phi(x)  # batch × M × hidden
-        weights = mask.to(h.dtype).unsqueeze(-1)
-        mean = (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        scores = self.attention(h).squeeze(-1).masked_fill(~mask, float("-inf"))
-        attended = (torch.softmax(scores, dim=1).unsqueeze(-1) * h).sum(1)
-        out = self.rho(torch.cat([mean, attended], dim=-1))
-        return F.normalize(out, dim=-1)
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """batch × feature_dim pooled features → batch × out_dim unit rows."""
+        standardised = (pooled - self.feature_mean) / self.feature_scale
+        return F.normalize(self.linear(standardised), dim=-1)
 
     def encode_prepared(self, prepared: list[AdapterFeatures]) -> torch.Tensor:
-        return self(*collate(prepared))
+        return self(collate(prepared))
 
     @torch.no_grad()
     def encode_many(self, adapters: list[CanonicalAdapter]) -> torch.Tensor:
@@ -274,6 +234,14 @@ class WeightEncoder(nn.Module):
         return self.encode_many([adapter])[0]
 
 
+def collate(prepared: list[AdapterFeatures]) -> torch.Tensor:
+    """batch × feature_dim pooled features."""
+    dims = {item.features.shape[1] for item in prepared}
+    if len(dims) != 1:
+        raise ValueError("prepared adapters were made with different k / proj_dim")
+    return torch.stack([item.pooled() for item in prepared])
+
+
 # ----------------------------------------------------------------------
 # Construction, persistence
 
@@ -282,27 +250,21 @@ UNTRAINED_SEED = 20240901
 
 
 def _initialise(encoder: WeightEncoder, seed: int) -> WeightEncoder:
-    """Deterministic initialisation from `seed` (independent of the global RNG):
-    Gaussian weights with variance 1/fan_in and zero biases, so the untrained
-    network is a fixed random map that roughly preserves angles between the
-    (mean-centred) spectral features of two adapters."""
+    """Deterministic initialisation from `seed` (independent of the global RNG): a
+    Gaussian map with variance 1/fan_in and zero bias, so the untrained encoder is a
+    fixed random projection that keeps angles between pooled features (a reparametrised
+    or slightly perturbed twin lands next to its original)."""
     generator = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
-        for name, parameter in encoder.named_parameters():
-            if name.endswith("bias"):
-                parameter.zero_()
-            elif parameter.ndim == 2 and name.startswith("kind_embedding"):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-            else:
-                fan_in = parameter.shape[1] if parameter.ndim == 2 else parameter.numel()
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) / math.sqrt(fan_in))
+        weight = encoder.linear.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) / math.sqrt(weight.shape[1]))
+        encoder.linear.bias.zero_()
     return encoder
 
 
 def untrained_encoder(**config) -> WeightEncoder:
     """The deterministic encoder used before any training: the same weights on
-    every machine, so "similar by weights" search works from day one
-    (reparametrised or slightly perturbed twins land next to each other)."""
+    every machine, so "similar by weights" search works from day one."""
     encoder = _initialise(WeightEncoder(**config), UNTRAINED_SEED)
     encoder.metadata = {"trained": False, "init_seed": UNTRAINED_SEED}
     return encoder.eval()
@@ -387,20 +349,22 @@ def train_encoder(
     lr: float = 1e-3,
     temperature: float = 0.07,
     seed: int = 0,
-    batch_size: int = 256,
     weight_decay: float = 1e-4,
     progress: Callable[[float, str], None] | None = None,
     **config,
 ) -> tuple[WeightEncoder, list[dict]]:
     """Contrastive training: adapter i ↔ text_embeddings[i], symmetric InfoNCE.
 
-    Deterministic given `seed` (initialisation and batch order use their own
-    generators; the global RNG is untouched). Module features are computed
-    once up front — they never change — so an epoch is only the small
-    network. `config` is passed to `WeightEncoder` (k, proj_dim, hidden, …).
+    Full batch (a hub's described adapters fit in memory as pooled features:
+    thousands × ~1 000 floats), AdamW. Pooled features are computed once; the
+    training set's mean and mean norm become the encoder's standardisation. The
+    map starts at the untrained encoder's random projection, scaled down, with
+    the bias at the mean description, so every adapter starts near the centre of
+    the text space and training moves each towards its own description.
+    Deterministic given `seed`. `config` is passed to `WeightEncoder` (k, proj_dim).
     Returns (encoder in eval mode, curve: one dict per epoch — epoch 0 is the
-    initialisation — with the mean training loss and the training-set
-    recall@1 of text → adapter retrieval)."""
+    initialisation — with the training loss and the training-set recall@1 of
+    text → adapter retrieval)."""
     if len(adapters) != text_embeddings.shape[0]:
         raise ValueError(f"{len(adapters)} adapters but {text_embeddings.shape[0]} text embeddings")
     if len(adapters) < 2:
@@ -410,42 +374,36 @@ def train_encoder(
     if texts.shape[1] != encoder.out_dim:
         raise ValueError(f"text embeddings are {texts.shape[1]}-d, the encoder outputs {encoder.out_dim}-d")
 
-    prepared = [encoder.prepare(adapter) for adapter in adapters]
-    features, kind_ids, identity, mask = collate(prepared)
-    n = len(prepared)
-    generator = torch.Generator().manual_seed(int(seed))
+    pooled = collate([encoder.prepare(adapter) for adapter in adapters])
+    with torch.no_grad():
+        encoder.feature_mean.copy_(pooled.mean(0))
+        encoder.feature_scale.copy_((pooled - encoder.feature_mean).norm(dim=1).mean().clamp_min(_EPS))
+        encoder.linear.weight.mul_(0.1)
+        encoder.linear.bias.copy_(texts.mean(0))
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=weight_decay)
     curve: list[dict] = []
 
     def evaluate() -> tuple[float, float]:
         encoder.eval()
         with torch.no_grad():
-            encoded = encoder(features, kind_ids, identity, mask)
+            encoded = encoder(pooled)
             return float(_info_nce(encoded, texts, temperature)), recall_at_k(texts, encoded, 1)
 
     loss0, recall0 = evaluate()  # epoch 0: the initialisation, for comparison
     curve.append({"epoch": 0, "loss": loss0, "recall_at_1": recall0})
     for epoch in range(int(epochs)):
         encoder.train()
-        order = torch.randperm(n, generator=generator)
-        total, batches = 0.0, 0
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            if idx.numel() < 2:  # a 1-item batch has no negatives
-                continue
-            loss = _info_nce(encoder(features[idx], kind_ids[idx], identity[idx], mask[idx]), texts[idx], temperature)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.detach().item()
-            batches += 1
+        loss = _info_nce(encoder(pooled), texts, temperature)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
         _, recall = evaluate()
-        curve.append({"epoch": epoch + 1, "loss": total / max(batches, 1), "recall_at_1": recall})
+        curve.append({"epoch": epoch + 1, "loss": float(loss.detach()), "recall_at_1": recall})
         if progress is not None:
             progress((epoch + 1) / epochs, f"epoch {epoch + 1}/{epochs} loss {curve[-1]['loss']:.4f} recall@1 {recall:.2f}")
     encoder.training_curve = curve
     encoder.metadata = {
         "trained": True, "seed": int(seed), "epochs": int(epochs), "lr": float(lr),
-        "temperature": float(temperature), "adapters": n, "batch_size": int(batch_size),
+        "temperature": float(temperature), "weight_decay": float(weight_decay), "adapters": len(adapters),
     }
     return encoder.eval(), curve

@@ -22,7 +22,7 @@ from generation.weight_encoder import (  # noqa: E402
     ENCODER_VERSION,
     WeightEncoder,
     feature_dim,
-    kind_bucket,
+    module_slot,
     load_encoder,
     module_features,
     parse_module_path,
@@ -206,8 +206,21 @@ def test_module_path_parsing():
     assert parse_module_path("encoder.layer.2.attention.self.query") == (2, "query")
     assert parse_module_path("lora_te_text_model_encoder_layers_0_self_attn_q_proj") == (0, "self_attn_q_proj")
     assert parse_module_path("lm_head") == (None, "lm_head")
-    assert kind_bucket("q_proj") == kind_bucket("q_proj")  # stable, not Python's salted hash
-    assert 0 <= kind_bucket("query") < 64
+    assert module_slot("model.layers.3.self_attn.q_proj") == module_slot("base_model.model.model.layers.3.self_attn.q_proj")
+    assert module_slot("model.layers.3.self_attn.q_proj") != module_slot("model.layers.4.self_attn.q_proj")
+
+
+def test_module_sketches_are_independent_per_slot():
+    """The same update in two different modules sketches to (nearly) orthogonal vectors, so
+    the pooled sum keeps which module changed; in the same slot it is the same sketch."""
+    module = random_module(48, 64, 8, seed=5)
+    q3 = module_features("model.layers.3.self_attn.q_proj", module)[18:]
+    q3_again = module_features("base_model.model.model.layers.3.self_attn.q_proj", module)[18:]
+    v3 = module_features("model.layers.3.self_attn.v_proj", module)[18:]
+    q4 = module_features("model.layers.4.self_attn.q_proj", module)[18:]
+    assert torch.equal(q3, q3_again)
+    cos = torch.nn.functional.cosine_similarity
+    assert abs(float(cos(q3, v3, dim=0))) < 0.2 and abs(float(cos(q3, q4, dim=0))) < 0.2
 
 
 # ----------------------------------------------------------------------
