@@ -33,7 +33,7 @@ BENCH_DB = "quiver_bench_search"
 DATA_VERSION = 2  # bump when the generator changes: the marker then no longer matches and the table is refilled
 TASK_COUNT = 2000
 WARMUP, QUERIES, RECALL_QUERIES, BREAKDOWN_QUERIES = 20, 300, 200, 100
-EF_SWEEP = (40, 100, 200, 400)
+EF_SWEEP = (40, 100, 200, 250, 300, 400)
 DESCRIPTION_HNSW = "adapter_description_hnsw"
 
 DOMAINS = ["legal", "medical", "financial", "e-commerce", "customer support", "scientific", "news", "insurance",
@@ -295,14 +295,23 @@ def recall_sweep(vectors: list[list[float]], default_ef: int) -> tuple[dict, dic
 
 
 def stage_timings(queries: list[str]) -> dict:
-    """Where a search request's time goes: its stages (the app's own functions, 40 candidates each
-    as search_adapters asks) timed one by one in this process."""
-    from hub.search import _keyword_matches, _nearest
-    from hub.selectors import adapter_list
-    from hub.services.embeddings import TEXT_ENCODER_LABEL, embed_query
+    """Where a search request's time goes: the stages of hub.search.search_adapters (k=10: 40
+    candidates per ranking), timed one by one in this process with the web workers' torch threads."""
+    import torch
+    from django.contrib.auth.models import AnonymousUser
+    from django.test import RequestFactory
 
-    scope = adapter_list(None).order_by()
-    stages: dict[str, list[float]] = {"embed": [], "description_hnsw_40": [], "keywords_40": []}
+    from api.serializers import SearchHitSerializer
+    from hub.ranking import fuse
+    from hub.search import SearchHit, rankings_query
+    from hub.selectors import adapter_list, adapters_for_listing, visible_adapters
+    from hub.services.embeddings import embed_query
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("QUIVER_WEB_TORCH_THREADS", 1)))  # as hub/wsgi.py sets it
+    request = RequestFactory().get("/api/v1/search")
+    request.user = AnonymousUser()
+    stages: dict[str, list[float]] = {"embed": [], "rankings_sql": [], "fetch": [], "serialize": []}
 
     def timed(stage: str, call):
         start = time.perf_counter()
@@ -312,9 +321,17 @@ def stage_timings(queries: list[str]) -> dict:
 
     for query in queries:
         vector = timed("embed", lambda: embed_query(query))
-        timed("description_hnsw_40", lambda: _nearest(scope, "description_embedding", vector, 40,
-                                                      description_encoder=TEXT_ENCODER_LABEL))
-        timed("keywords_40", lambda: _keyword_matches(scope, query, 40))
+        scope = adapter_list(None).order_by()
+        rows = timed("rankings_sql", lambda: list(rankings_query(scope, query, vector, 40)))
+        rankings: dict[str, list[tuple[int, float]]] = {}
+        for ranking, adapter_id, value in rows:
+            rankings.setdefault(ranking, []).append((adapter_id, value))
+        fused = fuse(rankings, 10)
+        adapters = timed("fetch", lambda: adapters_for_listing(None, visible_adapters(None))
+                         .in_bulk([adapter_id for adapter_id, _, _ in fused]))
+        hits = [SearchHit(adapters[adapter_id], score, matched) for adapter_id, score, matched in fused]
+        timed("serialize", lambda: SearchHitSerializer(hits, many=True, context={"request": request}).data)
+    torch.set_num_threads(threads)
     return {f"{stage}_{label}_ms": ms(samples, q) for stage, samples in stages.items()
             for label, q in (("p50", 50), ("p95", 95))}
 
