@@ -269,7 +269,8 @@ def child_pids(pid: int) -> list[int]:
 def serving_processes() -> tuple[list[int], list[int]]:
     """(gunicorn workers started by this process, the PostgreSQL backends of other connections to
     the bench database): the CPU a search costs is theirs. On a machine shared with other work,
-    CPU per request is the figure that other load disturbs least (wall time counts waiting too)."""
+    CPU per request is the figure that other load disturbs least (wall time counts waiting too).
+    PostgreSQL 18's I/O worker processes, which read pages for every backend, are not counted."""
     from django.db import connection
 
     def command_line(pid: int) -> bytes:
