@@ -85,6 +85,8 @@ class AdapterSerializer(serializers.ModelSerializer):
         return adapter.near_duplicate_similarity if self.get_near_duplicate_of(adapter) else None
 
     def get_provenance(self, adapter) -> dict:
+        if hasattr(adapter, "listed_provenance"):  # set for this viewer by selectors.attach_readable_provenance
+            return adapter.listed_provenance
         return selectors.readable_provenance(viewer(self), adapter.provenance)
 
     def get_embeddings(self, adapter) -> dict:
@@ -92,9 +94,14 @@ class AdapterSerializer(serializers.ModelSerializer):
         return {"description": adapter.description_encoder or None, "weights": adapter.weight_encoder or None}
 
     def get_files(self, adapter) -> list[dict]:
-        if adapter.latest_revision is None:
+        revision = adapter.latest_revision
+        if revision is None:
             return []
-        return RevisionSerializer(adapter.latest_revision, context=self.context).data["files"]
+        files = getattr(revision, "listed_files", None)  # fetched by selectors.adapters_for_listing
+        if files is None:
+            files = revision.files.select_related("blob").all()
+        context = {**self.context, "file_url": adapter_file_url(adapter, revision)}
+        return StoredFileSerializer(files, many=True, context=context).data
 
 
 class AdapterListSerializer(AdapterSerializer):

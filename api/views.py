@@ -33,7 +33,8 @@ class AdapterListCreateView(generics.GenericAPIView):
     )
     def get(self, request):
         filters = {name: request.query_params.get(name) or None for name in ADAPTER_FILTERS}
-        page = self.paginate_queryset(selectors.adapter_list(request.user, **filters))
+        page = self.paginate_queryset(selectors.adapters_for_listing(request.user, selectors.adapter_list(request.user, **filters)))
+        selectors.attach_readable_provenance(request.user, page)
         return self.get_paginated_response(s.AdapterListSerializer(page, many=True, context={"request": request}).data)
 
     @extend_schema(request=s.AdapterUploadSerializer, responses={201: s.AdapterSerializer})

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from django.contrib.postgres.search import SearchQuery
 from django.db import connection
-from django.db.models import Q, QuerySet
+from django.db.models import Prefetch, Q, QuerySet
 from knox.models import AuthToken
 
 from generation import generators
@@ -41,6 +41,19 @@ def visible_adapters(user) -> QuerySet[Adapter]:
             return adapters
         return adapters.filter(Q(visibility=Visibility.PUBLIC) | Q(owner=user))
     return adapters.filter(visibility=Visibility.PUBLIC)
+
+
+def adapters_for_listing(user, adapters: QuerySet[Adapter]) -> QuerySet[Adapter]:
+    """`adapters` with what a listing of them shows fetched up front, so N adapters cost the
+    same few queries whatever N is: the rows (owner, base model, latest revision joined), the
+    latest revisions' files with their blobs, and the near duplicates `user` may see (as
+    `listed_near_duplicate`, None when there is none or it is hidden from `user`). Search
+    vectors and per-module shapes, which listings do not show, are left in the database."""
+    return adapters.defer("description_embedding", "weight_embedding", "module_shapes", "search_document").prefetch_related(
+        Prefetch("latest_revision__files", queryset=RevisionFile.objects.select_related("blob"), to_attr="listed_files"),
+        Prefetch("near_duplicate_of", queryset=visible_adapters(user).select_related(None).only("id", "namespace", "name"),
+                 to_attr="listed_near_duplicate"),
+    )
 
 
 def adapter_list(
@@ -120,22 +133,41 @@ def visible_full_names(user, full_names) -> set[str]:
 PROVENANCE_ADAPTER_LISTS = ("parents", "experts")
 
 
+def _provenance_names(provenance: dict) -> list[str]:
+    return [entry.get("adapter", "") for key in PROVENANCE_ADAPTER_LISTS for entry in provenance.get(key) or []]
+
+
+def _provenance_among(provenance: dict, visible: set[str]) -> dict:
+    return {**provenance, **{key: [entry for entry in provenance[key] if entry.get("adapter") in visible]
+                             for key in PROVENANCE_ADAPTER_LISTS if key in provenance}}
+
+
 def readable_provenance(user, provenance: dict) -> dict:
     """An adapter's provenance as `user` may read it: parents and experts they may not see (private
     to someone else, possibly turned private after the fact) are left out, so the provenance of a
     public adapter never names a private one."""
-    named = [entry.get("adapter", "") for key in PROVENANCE_ADAPTER_LISTS for entry in provenance.get(key) or []]
+    named = _provenance_names(provenance)
     if not named:
         return provenance
-    visible = visible_full_names(user, named)
-    return {**provenance, **{key: [entry for entry in provenance[key] if entry.get("adapter") in visible]
-                             for key in PROVENANCE_ADAPTER_LISTS if key in provenance}}
+    return _provenance_among(provenance, visible_full_names(user, named))
+
+
+def attach_readable_provenance(user, adapters) -> None:
+    """readable_provenance of each adapter as `listed_provenance`, for all of them in at most one
+    query (a listing of N composed adapters would otherwise make N)."""
+    adapters = list(adapters)
+    named = {adapter.id: _provenance_names(adapter.provenance) for adapter in adapters}
+    visible = visible_full_names(user, [name for names in named.values() for name in names])
+    for adapter in adapters:
+        adapter.listed_provenance = _provenance_among(adapter.provenance, visible) if named[adapter.id] else adapter.provenance
 
 
 def visible_near_duplicate(user, adapter: Adapter) -> Adapter | None:
     """The older adapter this one nearly duplicates, when `user` may see it."""
     if adapter.near_duplicate_of_id is None:
         return None
+    if hasattr(adapter, "listed_near_duplicate"):  # fetched by adapters_for_listing for this user
+        return adapter.listed_near_duplicate
     return visible_adapters(user).filter(id=adapter.near_duplicate_of_id).first()
 
 

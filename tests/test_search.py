@@ -118,3 +118,32 @@ def test_training_the_weight_encoder_improves_recall_and_reembeds_everything(reg
     # With a trained encoder, text queries also rank adapters by their weights.
     hits = client.get("/api/v1/search", {"q": "write SQL queries from questions", "k": 3}).json()["results"]
     assert hits[0]["adapter"]["name"] == "sql-from-questions" and "weights" in hits[0]["matched"]
+
+
+def test_a_search_makes_the_same_few_sql_queries_whatever_k(registry, make_user, client_for, client):
+    """Rankings in one statement, then the hits with everything their listing shows (files, near
+    duplicates, provenance) in a fixed number of queries: never one more per hit."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from hub.models import Adapter
+
+    entry = next(e for e in registry["adapters"] if e["name"] == "sql-from-questions")
+    client_for(make_user("alice")).post("/api/v1/adapters/", upload_payload(entry, name="my-sql", description="Text to SQL."),
+                                        format="multipart")
+    wait_for_all_jobs()  # embedded and flagged as a near duplicate of quiver-demo/sql-from-questions
+    Adapter.objects.filter(name="my-sql").update(
+        provenance={"method": "linear", "parents": [{"adapter": "quiver-demo/sql-from-questions", "weight": 1.0}]})
+
+    counts = {}
+    for k in (2, 5, 20):
+        with CaptureQueriesContext(connection) as queries:
+            response = client.get("/api/v1/search", {"q": "write SQL queries from questions", "k": k})
+        hits = response.json()["results"]
+        assert response.status_code == 200 and len(hits) == min(k, Adapter.objects.count())
+        counts[k] = len(queries)
+    mine = next(hit["adapter"] for hit in hits if hit["adapter"]["name"] == "my-sql")
+    assert mine["near_duplicate_of"] == "quiver-demo/sql-from-questions" and mine["files"]
+    assert mine["provenance"]["parents"][0]["adapter"] == "quiver-demo/sql-from-questions"
+    # rankings, hits, their latest files, visible near duplicates, visible provenance parents
+    assert counts[2] == counts[5] == counts[20] <= 5, counts

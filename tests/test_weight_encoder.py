@@ -352,3 +352,20 @@ def test_embed_texts_unit_vectors_and_semantics():
     unrelated = float(embeddings[0] @ embeddings[2])
     assert similar > unrelated + 0.2, (similar, unrelated)
     assert embed_texts([]).shape == (0, TEXT_DIM)
+
+
+def test_embed_texts_gives_sentence_transformers_vectors():
+    """embed_texts calls the tokenizer and BERT directly (no SentenceTransformer.encode overhead per
+    query); the vectors must stay those of the model's own pipeline, which stored vectors came from.
+    Texts of many lengths in one call (sorted and padded in batches), one at a time, a text past
+    the 256-token limit, an empty one and surrounding blanks."""
+    from generation.text_encoder import BATCH_SIZE, load_text_encoder
+
+    texts = ["summarise support tickets", "", "  padded with blanks  ", "legal " * 400, "日本語の説明文",
+             "Tags: sql, text-to-sql"] + [f"task number {i} " * (i % 13 + 1) for i in range(BATCH_SIZE + 5)]
+    with torch.no_grad():
+        reference = load_text_encoder().encode(texts, convert_to_tensor=True, normalize_embeddings=True,
+                                               show_progress_bar=False, device="cpu").float()
+    assert (embed_texts(texts) - reference).abs().max() < 1e-6
+    one_at_a_time = torch.stack([embed_texts([text])[0] for text in texts])
+    assert (one_at_a_time - reference).abs().max() < 1e-6
