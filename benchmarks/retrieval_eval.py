@@ -36,9 +36,12 @@ Output, JSON lines: one per mode
   {"bench": "retrieval", "mode": ..., "recall_at_1": ..., "recall_at_5": ..., "n_queries": ...}
 then a summary line with the source, population size, folds and seconds.
 
-Expectations. Zoo goal: weights-only recall@5 >= 0.8 on held-out tasks. The demo
-adapters are trained on random synthetic objectives, so their weights carry no
-task meaning: weights-only near random is the honest result there.
+Expectations. Zoo goal: weights-only recall@5 >= 0.8 on held-out tasks (measured:
+0.867, recall@1 0.587; README "Retrieval on the zoo"). The demo adapters are trained
+on random synthetic objectives, so their weights carry no task meaning beyond which
+base model and modules they adapt (a Llama chat adapter vs a CLIP style LoRA): that,
+not the task, is what weights-only retrieval can find there, and with 8 adapters
+recall@5 is mostly the floor.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from generation.text_encoder import embed_texts  # noqa: E402
-from generation.weight_encoder import adapter_features, train_encoder  # noqa: E402
+from generation.weight_encoder import TRAIN_EPOCHS, adapter_features, train_encoder  # noqa: E402
 from hub.formats import CanonicalAdapter, parse_adapter  # noqa: E402
 from hub.ranking import fuse  # noqa: E402
 
@@ -185,7 +188,7 @@ def main() -> None:
     parser.add_argument("--source", choices=("demo", "zoo"), default="demo")
     parser.add_argument("--cache", type=Path, default=ROOT / "var" / "demo-cache", help="demo build folder")
     parser.add_argument("--folds", type=int, default=None, help="default: leave-one-task-out up to 20 tasks, else 5")
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=TRAIN_EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

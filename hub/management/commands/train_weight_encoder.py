@@ -1,5 +1,6 @@
 from django.core.management.base import BaseCommand
 
+from generation.weight_encoder import TRAIN_EPOCHS
 from hub.models import Job
 from hub.services.embeddings import train_weight_encoder_job
 from hub.services.jobs import enqueue_job, run_job
@@ -10,7 +11,7 @@ class Command(BaseCommand):
             "store it as a new versioned artifact, and re-embed every adapter in the background.")
 
     def add_arguments(self, parser):
-        parser.add_argument("--epochs", type=int, default=200)
+        parser.add_argument("--epochs", type=int, default=TRAIN_EPOCHS)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--background", action="store_true", help="queue the job for a worker instead")
 
