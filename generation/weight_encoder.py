@@ -106,7 +106,7 @@ def module_features(path: str, module: LoraModule, *, k: int = DEFAULT_K, proj_d
     features are continuous in ΔW and keep the pairing of input and output
     directions — a Johnson–Lindenstrauss sketch of the normalised update.
     Seeding the projections by slot makes the sketches of different modules
-    independent, so their sum (`pool`) sketches the concatenation.
+    independent, so their sum (`AdapterFeatures.pooled`) sketches the concatenation.
 
     Only ΔW is used, so features(A, B) == features(R·A, B·R⁻¹) for any
     invertible R, and zero-padding the rank changes nothing. A DoRA magnitude
@@ -158,7 +158,6 @@ def parse_module_path(path: str) -> tuple[int | None, str]:
         match = _KOHYA_INDEX.search(path)
         layer = int(match.group(1)) if match else None
     return layer, kind
-
 
 
 @dataclass

@@ -23,6 +23,7 @@ from generation.weight_encoder import (  # noqa: E402
     WeightEncoder,
     feature_dim,
     module_slot,
+    spectral_dim,
     load_encoder,
     module_features,
     parse_module_path,
@@ -214,10 +215,12 @@ def test_module_sketches_are_independent_per_slot():
     """The same update in two different modules sketches to (nearly) orthogonal vectors, so
     the pooled sum keeps which module changed; in the same slot it is the same sketch."""
     module = random_module(48, 64, 8, seed=5)
-    q3 = module_features("model.layers.3.self_attn.q_proj", module)[18:]
-    q3_again = module_features("base_model.model.model.layers.3.self_attn.q_proj", module)[18:]
-    v3 = module_features("model.layers.3.self_attn.v_proj", module)[18:]
-    q4 = module_features("model.layers.4.self_attn.q_proj", module)[18:]
+
+    def sketch(path):
+        return module_features(path, module)[spectral_dim():]
+
+    q3, q3_again = sketch("model.layers.3.self_attn.q_proj"), sketch("base_model.model.model.layers.3.self_attn.q_proj")
+    v3, q4 = sketch("model.layers.3.self_attn.v_proj"), sketch("model.layers.4.self_attn.q_proj")
     assert torch.equal(q3, q3_again)
     cos = torch.nn.functional.cosine_similarity
     assert abs(float(cos(q3, v3, dim=0))) < 0.2 and abs(float(cos(q3, q4, dim=0))) < 0.2
