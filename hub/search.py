@@ -64,10 +64,6 @@ def _keyword_query(scope: QuerySet, query: str, limit: int) -> QuerySet:
             .order_by("-text_rank").values_list("ranking", "id", "text_rank")[:limit])
 
 
-def _keyword_matches(scope, query: str, limit: int) -> list[tuple[int, float]]:
-    return [(adapter_id, rank) for _, adapter_id, rank in _keyword_query(scope, query, limit)]
-
-
 # The label (EncoderArtifact.label) of the active trained encoder, as SQL: the weight ranking reads it
 # inside the search statement, so a newly trained encoder counts at once in every web process, with
 # no extra round trip and no cache to invalidate. Raw SQL because the ORM spelling of this subquery

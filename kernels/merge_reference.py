@@ -152,7 +152,7 @@ def fused_add_is_exact(C: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> boo
 
 
 # (device, compute dtype, block shape, A shape, torch threads) → does acc.addmm_(B, A) give
-# exactly acc + B @ A? Filled by merge_rows_into from its first block of each key.
+# exactly acc + B @ A? Filled by fused_add_is_exact, once per key, from random data.
 _FUSED_ADD_EXACT: dict[tuple, bool] = {}
 
 

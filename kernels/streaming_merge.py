@@ -170,7 +170,9 @@ class SafetensorsStreamWriter:
             os.close(self._fd)
             raise
 
-    def _claim(self, name: str, nbytes: int) -> int:
+    def claim(self, name: str, nbytes: int) -> int:
+        """The file offset of declared tensor `name` (next in order), whose bytes the
+        caller writes with `write_at` (or the write methods below) before close()."""
         if self._next >= len(self.order):
             raise ValueError(f"{self.path.name}: tensor '{name}' written after the last declared tensor")
         expected_name, expected_bytes = self.order[self._next]
@@ -183,22 +185,17 @@ class SafetensorsStreamWriter:
         offset, self._offset = self._offset, self._offset + nbytes
         return offset
 
-    def claim(self, name: str, nbytes: int) -> int:
-        """The file offset of declared tensor `name` (next in order), whose bytes the
-        caller writes with `write_at` before close()."""
-        return self._claim(name, nbytes)
-
     def write_at(self, offset: int, data) -> None:
         """Bytes of a claimed tensor at `offset` (safe from several threads at once)."""
         _pwrite_all(self._fd, data, offset)
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        _pwrite_all(self._fd, memoryview(data.numpy()), self._claim(name, data.numel()))
+        _pwrite_all(self._fd, memoryview(data.numpy()), self.claim(name, data.numel()))
 
     def write_chunks(self, name: str, nbytes: int, chunks) -> None:
         """Declared tensor `name` from an iterable of uint8 tensors / buffers."""
-        offset = self._claim(name, nbytes)
+        offset = self.claim(name, nbytes)
         written = 0
         for chunk in chunks:
             if isinstance(chunk, torch.Tensor):
@@ -212,7 +209,7 @@ class SafetensorsStreamWriter:
 
     def copy_range(self, name: str, source_fd: int, offset: int, nbytes: int) -> None:
         """Declared tensor `name` from `nbytes` of `source_fd` at `offset` (`copy_at`)."""
-        self.copy_at(self._claim(name, nbytes), source_fd, offset, nbytes)
+        self.copy_at(self.claim(name, nbytes), source_fd, offset, nbytes)
 
     def copy_at(self, target: int, source_fd: int, offset: int, nbytes: int) -> None:
         """Copy `nbytes` from `source_fd` at `offset` to `target` in this file, in the

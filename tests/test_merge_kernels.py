@@ -109,7 +109,7 @@ def test_fused_addmm_blocks_give_the_two_step_bits(dtype, rank):
         blocked = merge_lora_reference(W, Bs, As, [2.0], row_block=64)
     assert torch.equal(blocked, two_step)
     key = ("cpu", compute, (64, 200), (rank, 200), 1)
-    assert key in _FUSED_ADD_EXACT  # the first block decided for the others
+    assert key in _FUSED_ADD_EXACT  # decided once for this key, on random data
 
 
 def test_reference_refuses_mismatched_factors():

@@ -172,8 +172,7 @@ def train_weight_encoder_job(job: Job, reporter: JobReporter) -> dict:
     reporter.progress(0.0, f"reading {len(adapters)} adapters")
     canonical = [load_revision_adapter(adapter.latest_revision) for adapter in adapters]
     texts = torch.tensor([list(adapter.description_embedding) for adapter in adapters], dtype=torch.float32)
-    params = {"epochs": weight_encoder.TRAIN_EPOCHS, "lr": weight_encoder.TRAIN_LR, "seed": 0,
-              **job.params.get("training", {})}
+    params = {"seed": 0, **job.params.get("training", {})}  # epochs, lr: train_encoder's defaults
     encoder, curve = weight_encoder.train_encoder(
         canonical, texts, progress=lambda fraction, message: reporter.progress(0.05 + 0.9 * fraction, message), **params)
     with tempfile.TemporaryDirectory() as scratch:
