@@ -88,14 +88,16 @@ def _database_url_for_test_db() -> str:
     return f"postgres://{db['USER']}{password}@{host}{port}/{db['NAME']}"
 
 
-def start_worker(log_path: Path, *, name: str, queues: str = "default,embed,gpu", **env: str) -> subprocess.Popen:
+def start_worker(log_path: Path, *, name: str, queues: str = "default,embed,gpu", module: str = "celery",
+                 **env: str) -> subprocess.Popen:
     """A real `celery worker` process on the test database (in its own process group, so a test
-    can kill it whole); returns once it is ready."""
+    can kill it whole); returns once it is ready. `module` runs the celery command line (a test's
+    wrapper may set something up first)."""
     ARTIFACTS.mkdir(exist_ok=True)
     env = {**os.environ, "DATABASE_URL": _database_url_for_test_db(), "PYTHONUNBUFFERED": "1", **env}
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker", "--queues", queues,
+            [sys.executable, "-m", module, "-A", "workers", "worker", "--queues", queues,
              "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO", "--hostname", f"{name}@%h"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

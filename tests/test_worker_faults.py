@@ -21,8 +21,8 @@ VISIBILITY = {"QUIVER_VISIBILITY_TIMEOUT": "6", "QUIVER_UNACKED_RESTORE_INTERVAL
 
 @pytest.fixture(scope="module")
 def large_files():
-    """A 6-layer Llama of hidden size 1024 (≈ 400 MB of float32: a merge takes seconds, long enough
-    to be killed in its middle) and a real PEFT LoRA on it; built once, cached under var/test."""
+    """A 6-layer Llama of hidden size 1024 (≈ 400 MB of float32, several copy chunks and row blocks
+    per tensor) and a real PEFT LoRA on it; built once, cached under var/test."""
     from hub.demo.builders import build_peft_adapter, build_tiny_llama
 
     folder = ROOT / "var" / "test" / "large-llama"
@@ -60,8 +60,9 @@ def test_a_merge_whose_worker_is_killed_is_retried_and_completes(large_files, on
                    files=[IncomingFile.from_path(p) for p in sorted(adapter_dir.iterdir()) if p.is_file()])
     api = client_for(alice)
 
+    # Its writes are paced (tests/paced_merge_worker.py), so that the kill lands mid-stream.
     doomed = start_worker(ARTIFACTS / "celery-worker-killed.log", name=f"doomed-{os.getpid()}", queues="gpu",
-                          **VISIBILITY)
+                          module="tests.paced_merge_worker", **VISIBILITY)
     try:
         response = api.post("/api/v1/merges/", {"base_model": "alice/large-llama",
                                                 "adapters": [{"id": "alice/large-lora", "weight": 0.5}]}, format="json")
@@ -75,9 +76,9 @@ def test_a_merge_whose_worker_is_killed_is_retried_and_completes(large_files, on
             assert job.state != Job.State.SUCCEEDED, "the merge finished before it could be killed"
             assert time.monotonic() < deadline, f"the merge never started: {job.state} {job.progress}"
             time.sleep(0.02)
+    finally:  # killed mid-merge, or (the test failing) killed anyway: never left running
         os.killpg(doomed.pid, signal.SIGKILL)
-    finally:
-        doomed.wait()
+        doomed.wait(timeout=60)
     assert doomed.returncode == -signal.SIGKILL
 
     # While no worker runs it, nothing of the merge is served.
