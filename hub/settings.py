@@ -167,6 +167,11 @@ QUIVER_NEAR_DUPLICATE_SIMILARITY = float(os.environ.get("QUIVER_NEAR_DUPLICATE_S
 # 250, the lowest that keeps the goal of 0.98, is ≈ 1 ms of SQL faster than 300 and 2 ms than 400;
 # recall falls as N grows at a fixed ef_search, so re-measure (benchmarks/search.py --n) and raise it.
 QUIVER_HNSW_EF_SEARCH = int(os.environ.get("QUIVER_HNSW_EF_SEARCH", 250))
+# Precision of the query encoder's transformer layers: auto (bfloat16 where the CPU has native
+# bfloat16 dot products), bfloat16 or float32 (generation/text_encoder.py says why and what it costs).
+QUIVER_QUERY_PRECISION = os.environ.get("QUIVER_QUERY_PRECISION", "auto")
+if QUIVER_QUERY_PRECISION not in ("auto", "bfloat16", "float32"):
+    raise RuntimeError(f"QUIVER_QUERY_PRECISION must be auto, bfloat16 or float32, not {QUIVER_QUERY_PRECISION!r}")
 
 # Web sign-in: Django sessions (the API also accepts them, beside knox tokens).
 LOGIN_URL = "frontend:sign-in"

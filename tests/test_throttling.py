@@ -25,6 +25,11 @@ def test_anonymous_clients_get_429_with_a_json_error_past_their_rate(low_rates, 
     assert error["code"] == "throttled" and "throttled" in error["message"].lower()
     assert int(refused["Retry-After"]) > 0
     assert client_for(None).get("/api/v1/health").status_code == 200  # probes are never throttled
+    import redis
+    from django.conf import settings
+
+    # One counter per anonymous address, not a second one under the users' scope.
+    assert redis.Redis.from_url(settings.REDIS_URL).keys("*throttle_user*") == []
 
 
 def test_each_user_has_their_own_budget_kept_in_redis(low_rates, make_user, client_for):

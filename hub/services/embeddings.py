@@ -46,7 +46,7 @@ def description_text(adapter: Adapter) -> str:
 
 
 def embed_query(query: str) -> list[float]:
-    return text_encoder.embed_texts([query])[0].tolist()
+    return text_encoder.embed_query(query, settings.QUIVER_QUERY_PRECISION).tolist()
 
 
 def active_artifact() -> EncoderArtifact | None:
