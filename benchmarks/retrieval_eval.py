@@ -17,7 +17,9 @@ training adapters' (adapter, description embedding) pairs (`--epochs`, default
 Texts are embedded with all-MiniLM-L6-v2 (`generation.text_encoder`). Index-side
 texts mirror the hub's `description_text` ("name in words. description"; the
 population carries no tags). Each held-out adapter h gives one query:
-  query   = the embedding of h's raw description (what a user would type);
+  query   = the embedding of h's raw description (what a user would type), by the
+            search's own query path (`text_encoder.embed_query` at --query-precision,
+            default QUIVER_QUERY_PRECISION or auto, as the hub runs it);
   correct = h (or any held-out adapter with the same description).
 Every mode ranks all n adapters of the population (training ones + held-out ones):
   weights     — items: weight embeddings of every adapter by this fold's encoder.
@@ -61,7 +63,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from generation.text_encoder import embed_texts  # noqa: E402
+from generation.text_encoder import embed_query, embed_texts, query_dtype  # noqa: E402
 from generation.weight_encoder import TRAIN_EPOCHS, adapter_features, train_encoder  # noqa: E402
 from hub.formats import CanonicalAdapter, parse_adapter  # noqa: E402
 from hub.ranking import fuse  # noqa: E402
@@ -190,6 +192,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=None, help="default: leave-one-task-out up to 20 tasks, else 5")
     parser.add_argument("--epochs", type=int, default=TRAIN_EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--query-precision", default=os.environ.get("QUIVER_QUERY_PRECISION", "auto"),
+                        choices=("auto", "bfloat16", "float32"))
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -197,7 +201,7 @@ def main() -> None:
     names = [name for name, _, _ in population]
     descriptions = [description for _, description, _ in population]
     texts = {
-        "query": embed_texts(descriptions),
+        "query": torch.stack([embed_query(d, args.query_precision) for d in descriptions]),
         "index": embed_texts([index_text(n, d) for n, d in zip(names, descriptions)]),
         "name": embed_texts([name_words(n) for n in names]),
     }
@@ -220,7 +224,7 @@ def main() -> None:
         print(json.dumps(line))
     print(json.dumps({
         "bench": "retrieval", "source": args.source, "population": len(population), "folds": len(folds),
-        "epochs": args.epochs, "seed": args.seed,
+        "epochs": args.epochs, "seed": args.seed, "query_dtype": str(query_dtype(args.query_precision)),
         **{f"random_expected_recall_at_{k}": round(random_expectation(population, k), 4) for k in KS},
         "encoder_train_recall_at_1": round(sum(train_recalls) / len(train_recalls), 4),
         "seconds": round(time.perf_counter() - start, 2),

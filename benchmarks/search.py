@@ -35,10 +35,10 @@ import requests
 from _server import bench_database_url, django_setup, gunicorn
 
 BENCH_DB = "quiver_bench_search"
-DATA_VERSION = 2  # bump when the generator changes: the marker then no longer matches and the table is refilled
+DATA_VERSION = 3  # bump when the generator or the indexes change: the marker then no longer matches and the table is refilled
 TASK_COUNT = 2000
 WARMUP, QUERIES, RECALL_QUERIES, BREAKDOWN_QUERIES = 20, 300, 200, 100
-EF_SWEEP = (40, 100, 200, 250, 300, 400)
+EF_SWEEP = (40, 100, 150, 200, 250, 300, 400)
 DESCRIPTION_HNSW = "adapter_description_hnsw"
 
 DOMAINS = ["legal", "medical", "financial", "e-commerce", "customer support", "scientific", "news", "insurance",

@@ -145,9 +145,9 @@ class Adapter(models.Model):
             GinIndex(fields=["tags"], name="adapter_tags_gin"),
             GinIndex(fields=["search_document"], name="adapter_search_document_gin"),
             models.Index(fields=["base_model", "visibility"], name="adapter_base_visibility"),
-            HnswIndex(name="adapter_description_hnsw", fields=["description_embedding"], m=16, ef_construction=64,
+            HnswIndex(name="adapter_description_hnsw", fields=["description_embedding"], m=16, ef_construction=200,
                       opclasses=["vector_cosine_ops"]),
-            HnswIndex(name="adapter_weight_hnsw", fields=["weight_embedding"], m=16, ef_construction=64,
+            HnswIndex(name="adapter_weight_hnsw", fields=["weight_embedding"], m=16, ef_construction=200,
                       opclasses=["vector_cosine_ops"]),
         ]
 

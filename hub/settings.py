@@ -163,10 +163,11 @@ QUIVER_ORPHAN_GRACE_SECONDS = int(os.environ.get("QUIVER_ORPHAN_GRACE_SECONDS", 
 # Weight-embedding cosine similarity at and above which an upload is flagged as a near-duplicate.
 QUIVER_NEAR_DUPLICATE_SIMILARITY = float(os.environ.get("QUIVER_NEAR_DUPLICATE_SIMILARITY", 0.995))
 # HNSW search breadth (pgvector hnsw.ef_search): recall against latency. benchmarks/search.py's sweep
-# at 100 000 adapters: recall@10 0.974 at 200 and 240, 0.9835 at 250, 0.9845 at 300, 0.994 at 400.
-# 250, the lowest that keeps the goal of 0.98, is ≈ 1 ms of SQL faster than 300 and 2 ms than 400;
-# recall falls as N grows at a fixed ef_search, so re-measure (benchmarks/search.py --n) and raise it.
-QUIVER_HNSW_EF_SEARCH = int(os.environ.get("QUIVER_HNSW_EF_SEARCH", 250))
+# at 100 000 adapters on graphs built with ef_construction 200 (hub/models.py): recall@10 0.9735 at
+# 100, 0.9895 at 150, 0.9925 at 200, 0.9975 at 250 (graphs built with 64 needed 250 for 0.985).
+# 150 keeps the goal of 0.98 with a margin; recall falls as N grows at a fixed ef_search, so
+# re-measure (benchmarks/search.py --n) and raise it.
+QUIVER_HNSW_EF_SEARCH = int(os.environ.get("QUIVER_HNSW_EF_SEARCH", 150))
 # Precision of the query encoder's transformer layers: auto (bfloat16 where the CPU has native
 # bfloat16 dot products), bfloat16 or float32 (generation/text_encoder.py says why and what it costs).
 QUIVER_QUERY_PRECISION = os.environ.get("QUIVER_QUERY_PRECISION", "auto")
