@@ -15,7 +15,9 @@ descriptions, then measures in the same run:
 Prints JSON lines, first the headline:
 {"bench": "search", "n", "p50_ms", "p95_ms", "recall_at_10", "exact_p95_ms"}
 then details (with the web workers' and PostgreSQL's CPU per search, which other load on a shared
-machine disturbs less than wall time), an ef_search sweep and a per-stage breakdown.
+machine disturbs less than wall time), an ef_search sweep, a per-stage breakdown, and a check of
+the query encoder's precision (stored task descriptions, phrased as searches, must find
+themselves among all TASK_COUNT as often with the app's query vectors as with float32 ones).
 Goals: p95 ≤ 25 ms, recall@10 ≥ 0.98.
 """
 from __future__ import annotations
@@ -356,6 +358,30 @@ def recall_sweep(vectors: list[list[float]], app_vectors: list[list[float]],
     return exact_stats, sweep
 
 
+def query_precision_check(tasks: list[str], seed: int, count: int = 1000) -> dict:
+    """Does the app's query precision find what float32 finds? Each of `count` stored task
+    descriptions, phrased as a search ("I need an adapter to …"), queries the float32 embeddings
+    of all TASK_COUNT descriptions; recall@1/@5 of its own description, for the app's query
+    vectors and for float32 ones (embedded one at a time, as searches are)."""
+    import torch
+    from django.conf import settings
+
+    from generation.text_encoder import embed_query, embed_texts
+
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(tasks)), min(count, len(tasks)))
+    stored = embed_texts(tasks)
+    phrased = [rng.choice(QUERY_PHRASES).format(tasks[i][0].lower() + tasks[i][1:]) for i in picked]
+    result = {}
+    for label, precision in (("app", settings.QUIVER_QUERY_PRECISION), ("float32", "float32")):
+        queries = torch.stack([embed_query(text, precision) for text in phrased])
+        top = (queries @ stored.T).topk(5, dim=1).indices
+        truth = torch.tensor(picked).unsqueeze(1)
+        result[f"{label}_recall_at_1"] = round(float((top[:, :1] == truth).any(1).float().mean()), 4)
+        result[f"{label}_recall_at_5"] = round(float((top == truth).any(1).float().mean()), 4)
+    return {"queries": len(picked), "stored": len(tasks), **result}
+
+
 def stage_timings(queries: list[str]) -> dict:
     """Where a search request's time goes: the stages of hub.search.search_adapters (k=10: 40
     candidates per ranking), timed one by one in this process with the web workers' torch threads."""
@@ -434,6 +460,7 @@ def main() -> None:
     default_ef = int(settings.QUIVER_HNSW_EF_SEARCH)
     exact_stats, sweep = recall_sweep(vectors, app_vectors, default_ef)
     stages = stage_timings(measured[:BREAKDOWN_QUERIES])
+    precision_check = query_precision_check(tasks, args.seed + 2)
 
     from django.db import connection
 
@@ -459,6 +486,8 @@ def main() -> None:
     for ef, stats in sweep.items():
         print(json.dumps({"bench": "search_ef_search", "ef_search": ef, **stats}))
     print(json.dumps({"bench": "search_stages", "queries": BREAKDOWN_QUERIES, **stages}))
+    print(json.dumps({"bench": "search_query_precision", "query_dtype": str(query_dtype(settings.QUIVER_QUERY_PRECISION)),
+                      **precision_check}))
     print(json.dumps({"bench": "search_runtime", "seconds": round(time.perf_counter() - started, 1)}))
 
 
