@@ -26,3 +26,11 @@ def test_production_settings_from_the_environment():
                             "QUIVER_S3_BUCKET": "quiver", "QUIVER_S3_ENDPOINT_URL": "http://minio:9000"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "False ['hub.example.com'] storages.backends.s3.S3Storage"
+
+
+def test_an_unknown_query_precision_refuses_to_start():
+    production = {"DATABASE_URL": "postgres://u:p@db.example:5432/q", "REDIS_URL": "redis://r:6379/0",
+                  "DJANGO_SECRET_KEY": "s" * 50}
+    result = _django_check({**production, "QUIVER_QUERY_PRECISION": "int4"})
+    assert result.returncode != 0 and "QUIVER_QUERY_PRECISION" in result.stderr
+    assert _django_check({**production, "QUIVER_QUERY_PRECISION": "float32"}).returncode == 0
