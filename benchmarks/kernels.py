@@ -87,7 +87,8 @@ def gpu(rank: int) -> None:
 
 
 def cpu(rank: int) -> None:
-    from kernels.dispatch import intra_op_threads, merge_lora
+    from hub.formats.threads import intra_op_threads
+    from kernels.dispatch import merge_lora
     from kernels.merge_reference import default_row_block, merge_lora_reference
 
     threads = torch.get_num_threads()

@@ -150,8 +150,9 @@ def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> t
 
 
 def token_embeddings(bert, layers: torch.nn.ModuleList, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     token_type_ids: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """BERT's last hidden states (in `dtype`, the layers'): its embedding layer, then the fused layers."""
+                     token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    """BERT's last hidden states, in the layers' dtype: its embedding layer, then the fused layers."""
+    dtype = layers[0].linear1.weight.dtype
     hidden = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids).to(dtype)
     padding = attention_mask == 0
     for layer in layers:
@@ -175,7 +176,7 @@ def embed_texts(texts: list[str], dtype: torch.dtype = torch.float32) -> torch.T
             features = tokenizer([texts[i] for i in batch], padding=True, truncation="longest_first",
                                  max_length=model.max_seq_length, return_tensors="pt")
             tokens = token_embeddings(bert, layers, features["input_ids"], features["attention_mask"],
-                                      features.get("token_type_ids"), dtype)
+                                      features.get("token_type_ids"))
             embeddings[batch] = mean_pool(tokens.float(), features["attention_mask"])
     return torch.nn.functional.normalize(embeddings, dim=-1)
 

@@ -7,7 +7,7 @@
   block of rows at a time on CPU; with `workers` > 1 the row blocks are
   shared out to that many Python threads, each running single-threaded torch
   ops (rows are independent, so the result is bit-identical). Run that under
-  `intra_op_threads(1)`: OpenMP's lock-step parallel regions over cache-sized
+  `intra_op_threads(1)` (hub.formats.threads): OpenMP's lock-step parallel regions over cache-sized
   blocks are slow, and collapse on a machine whose cores are busy with other
   work, where independent blocks just load-balance.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import torch
 
@@ -39,17 +38,6 @@ def worker_pool(workers: int) -> ThreadPoolExecutor:
                 max_workers=workers, thread_name_prefix="quiver-merge", initializer=torch.set_num_threads, initargs=(1,)
             )
         return _pools[workers]
-
-
-@contextmanager
-def intra_op_threads(count: int):
-    """torch's intra-op thread count set to `count` for the block, then restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @functools.cache

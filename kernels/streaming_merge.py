@@ -114,8 +114,9 @@ from hub.formats.safetensors_header import (
     read_json_object,
     read_safetensors_header,
 )
+from hub.formats.threads import intra_op_threads
 
-from .dispatch import intra_op_threads, merge_lora, worker_pool
+from .dispatch import merge_lora, worker_pool
 from .merge_reference import default_row_block, fold_scales, merge_rows_into
 
 CHUNK_BYTES = 16 * 2**20

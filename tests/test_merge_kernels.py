@@ -28,7 +28,8 @@ def triton_interpreter():
         os.environ["TRITON_INTERPRET"] = _previous
 
 
-from kernels.dispatch import choose_backend, intra_op_threads, merge_lora  # noqa: E402
+from hub.formats.threads import intra_op_threads  # noqa: E402
+from kernels.dispatch import choose_backend, merge_lora  # noqa: E402
 from kernels.merge_reference import default_row_block, merge_lora_reference  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import math
 import struct
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import torch
 
 from .errors import FormatError
+from .threads import intra_op_threads
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 MAX_JSON_BYTES = 8 * 2**20  # configs and shard indexes are a few KiB in practice
@@ -322,28 +322,17 @@ def check_finite(tensor: torch.Tensor, filename: str, tensor_name: str) -> None:
         )
 
 
-@contextmanager
-def _single_threaded_torch():
-    """torch's intra-op threads set to one for the block, then restored. Adapter tensors
-    are small (a few MB): OpenMP's parallel regions cost more in barriers than they
-    save, and on a machine whose cores are busy with other work each barrier waits for
-    a descheduled thread (measured on 2 busy cores, 140 tensors of an r=16 Llama
-    adapter: 0.3-2 s with two threads, 0.05 s with one)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def load_tensors(header: SafetensorsHeader) -> dict[str, torch.Tensor]:
     """Read every tensor of a file whose header already passed validation,
     refusing non-finite values. For adapters only: base models are too big."""
     from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, torch.Tensor] = {}
-    with _single_threaded_torch():
+    # One thread: adapter tensors are small (a few MB), so OpenMP's parallel regions cost more in
+    # barriers than they save, and on a machine whose cores are busy each barrier waits for a
+    # descheduled thread (2 busy cores, 140 tensors of an r=16 Llama adapter: 0.3-2 s with two
+    # threads, 0.05 s with one).
+    with intra_op_threads(1):
         try:
             with safe_open(str(header.path), framework="pt") as handle:
                 for tensor_name in header.tensors:
