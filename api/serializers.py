@@ -239,7 +239,12 @@ class GeneratorTrainingRequestSerializer(serializers.Serializer):
     methods = serializers.ListField(child=serializers.ChoiceField(choices=GeneratorArtifact.Method.choices),
                                     required=False, allow_empty=False)
     steps = serializers.IntegerField(required=False, min_value=50, max_value=20000,
-                                     help_text="training steps (default 1500)")
+                                     help_text="training steps (default 1500 in parameter space, 600 in function space)")
+    space = serializers.ChoiceField(choices=["parameter", "function"], default="parameter",
+                                    help_text="parameter: the CVAE models the experts' parameters (any base model); "
+                                              "function: adapters are trained by what they make the base model "
+                                              "answer on its probe texts (a base the hub can run, with "
+                                              "probe_texts.json)")
 
 
 class GeneratorArtifactSerializer(serializers.ModelSerializer):

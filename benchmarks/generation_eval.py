@@ -14,6 +14,9 @@ Also: generation latency per request (embed + generate + write PEFT files) and
 the generators' storage as a fraction of the zoo's training adapters.
 
     python benchmarks/generation_eval.py [--zoo var/zoo/full] [--size full|small] [--per-task]
+                                         [--space function|parameter] [--methods sg-lora icm-lora]
+--space function trains the generators as the hub does when asked for space=function (the
+zoo's base carries probe texts); the experts' teacher outputs are computed once and shared.
 Builds (or finishes) the zoo first if needed (resumable, ~40 s per adapter on 2 cores).
 """
 from __future__ import annotations
@@ -33,11 +36,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from generation import generators, lora_layout  # noqa: E402
+from generation import functional, generators, lora_layout  # noqa: E402
 from generation.text_encoder import embed_texts  # noqa: E402
-from generation.zoo.build import build_zoo  # noqa: E402
+from generation.zoo import model as zoo_model  # noqa: E402
+from generation.zoo.build import PROBE_TEXTS, build_zoo  # noqa: E402
 from generation.zoo.evaluate import AdapterScorer, zoo_adapters  # noqa: E402
 from hub.formats import write_peft_adapter  # noqa: E402
+from hub.formats.base_model import read_probe_texts  # noqa: E402
 
 METHODS = ("base", "nearest", "average", "sg-lora", "icm-lora", "oracle")
 
@@ -57,8 +62,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--steps", type=int, default=None, help="generator training steps (default: the generator's)")
     parser.add_argument("--per-task", action="store_true", help="also print one line per task")
+    parser.add_argument("--methods", nargs="+", choices=generators.METHODS, default=list(generators.METHODS))
+    parser.add_argument("--space", choices=("parameter", "function"), default="parameter",
+                        help="where the generators learn: parameter space (the hub's default) or function space "
+                             "(POST /api/v1/generators/ with space=function)")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("QUIVER_BENCH_THREADS", 1)))
+    torch.set_num_threads(int(os.environ.get("QUIVER_BENCH_THREADS", 2)))
     zoo_dir = args.zoo or ROOT / "var" / "zoo" / args.size
     build_zoo(zoo_dir, args.size)
 
@@ -71,11 +80,21 @@ def main() -> None:
     settings = generators.GeneratorSettings(k=args.k)
     if args.steps:
         settings.steps = args.steps
-    trained, train_seconds, storage = {}, {}, {}
-    for method in generators.METHODS:
+    probe = teacher = None
+    teacher_seconds = 0.0
+    if args.space == "function":  # as the hub trains them on a base model it can run
+        probe = zoo_model.function_probe(zoo_dir / "base", read_probe_texts(zoo_dir / "base" / PROBE_TEXTS))
         started = time.perf_counter()
-        trained[method], _ = generators.train_generator(method, params, texts, settings)
-        train_seconds[method] = time.perf_counter() - started
+        teacher = functional.teacher_probabilities(functional.BatchedLoRA(probe, layout), params)
+        teacher_seconds = time.perf_counter() - started  # once here; each training job pays it
+    trained, train_seconds, storage = {}, {}, {}
+    for method in args.methods:
+        started = time.perf_counter()
+        trained[method], curve = generators.train_generator(method, params, texts, settings, probe=probe,
+                                                            layout=layout, teacher=teacher)
+        train_seconds[method] = time.perf_counter() - started + teacher_seconds
+        if args.per_task:
+            print(json.dumps({"bench": "generation_curve", "method": method, "curve": curve}), flush=True)
         buffer = io.BytesIO()
         trained[method].save(buffer)
         storage[method] = buffer.tell()
@@ -101,7 +120,7 @@ def main() -> None:
 
     for split in ("unseen_pair", "unseen_part"):
         chosen = [row for row in rows if row["split"] == split]
-        for method in METHODS:
+        for method in [m for m in METHODS if m in candidates]:
             gains = []
             for row in chosen:
                 acc = row["accuracy"]

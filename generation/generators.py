@@ -37,15 +37,29 @@ ICM-LoRA ("In-Context Meta LoRA Generation"), choices made here:
    size and mix rather than to memorise tasks.
 Both: 20 % of experts (at least 2) are held out as validation targets; the
 curve records train loss and validation error (1 − cosine to the real expert).
+
+Two training spaces (train_generator):
+- parameter space (any base model): the CVAE decodes PCA coefficients around the prior.
+- function space (a base the hub can run, with probe texts; generation/functional.py):
+  the CVAE's decoder is a LoRADecoder that corrects the prior's factors with a whole
+  LoRA, trained so that the corrected adapter for expert i makes the base answer like
+  expert i on the probes (the expert left out of its own prior, as above); validation
+  error is 1 − agreement with held-out experts' predictions. Step 0 is the prior itself,
+  so the kept state is never worse than parameter space's prior on validation.
 """
 from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from .functional import (BatchedLoRA, FunctionProbe, LoRADecoder, StratifiedProbes, distillation_loss, join_factors,
+                         split_factors, teacher_probabilities)
+from .lora_layout import Layout
 
 METHODS = ("sg-lora", "icm-lora")
 # What each method does, in one line for people choosing one (the web form shows them).
@@ -86,7 +100,8 @@ class ExpertBank(nn.Module):
         return int(self.coeffs.shape[0])
 
     def to_params(self, coeffs: torch.Tensor) -> torch.Tensor:
-        return self.mean + self.basis @ coeffs
+        """Flat parameters of P coefficients (or a batch of them, B × P → B × D)."""
+        return self.mean + coeffs @ self.basis.T
 
     def neighbours(self, queries: torch.Tensor, k: int, temperature: float, exclude: torch.Tensor | None = None):
         """For each query row: the k most similar expert tasks (B × k indices), their
@@ -113,31 +128,42 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class CVAE(nn.Module):
-    def __init__(self, x_dim: int, c_dim: int, z_dim: int = 8, hidden: int = 256):
+    """q(z | x, c) and a decoder p(· | z, c). The decoder is an MLP to the target's
+    PCA coefficients (parameter space), or a functional.LoRADecoder that emits a
+    whole LoRA (function space)."""
+
+    def __init__(self, x_dim: int, c_dim: int, z_dim: int = 8, hidden: int = 256, decoder: nn.Module | None = None):
         super().__init__()
         self.z_dim = z_dim
         self.encoder = _mlp([x_dim + c_dim, hidden, hidden, 2 * z_dim])
-        self.decoder = _mlp([z_dim + c_dim, hidden, hidden, x_dim])
-        # Zero output at first: an untrained generator returns its prior exactly.
-        nn.init.zeros_(self.decoder[-1].weight)
-        nn.init.zeros_(self.decoder[-1].bias)
+        if decoder is None:
+            decoder = _mlp([z_dim + c_dim, hidden, hidden, x_dim])
+            # Zero output at first: an untrained generator returns its prior exactly.
+            nn.init.zeros_(decoder[-1].weight)
+            nn.init.zeros_(decoder[-1].bias)
+        self.decoder = decoder
 
-    def loss(self, x: torch.Tensor, c: torch.Tensor, beta: float) -> torch.Tensor:
+    def sample(self, x: torch.Tensor, c: torch.Tensor, *start):
+        """The decoder's output for a latent drawn from q(z | x, c), and KL(q ‖ N(0, I)).
+        `start`: what a LoRADecoder corrects (the prior's factors)."""
         mu, logvar = self.encoder(torch.cat([x, c], -1)).chunk(2, -1)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        reconstruction = (self.decoder(torch.cat([z, c], -1)) - x).pow(2).sum(-1).mean()
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean()
-        return reconstruction + beta * kl
+        return self.decoder(torch.cat([z, c], -1), *start), kl
 
-    def decode_mean(self, c: torch.Tensor) -> torch.Tensor:
-        return self.decoder(torch.cat([c.new_zeros(*c.shape[:-1], self.z_dim), c], -1))
+    def loss(self, x: torch.Tensor, c: torch.Tensor, beta: float) -> torch.Tensor:
+        reconstruction, kl = self.sample(x, c)
+        return (reconstruction - x).pow(2).sum(-1).mean() + beta * kl
+
+    def decode_mean(self, c: torch.Tensor, *start):
+        return self.decoder(torch.cat([c.new_zeros(*c.shape[:-1], self.z_dim), c], -1), *start)
 
 
 @dataclass
 class GeneratorSettings:
     k: int = 5
     temperature: float = 0.1
-    steps: int = 1500
+    steps: int | None = None  # None: 1500 in parameter space, 600 in function space
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -146,6 +172,15 @@ class GeneratorSettings:
     hidden: int = 256
     validation_fraction: float = 0.2
     seed: int = 0
+    # Function space only: experts per step, probe texts per expert, probes per validation expert.
+    tasks_per_step: int = 8
+    probes_per_task: int = 8
+    validation_probes: int = 64
+
+    def resolved(self, functional: bool) -> "GeneratorSettings":
+        if self.steps is not None:
+            return self
+        return GeneratorSettings(**{**asdict(self), "steps": 600 if functional else 1500})
 
 
 # ----------------------------------------------------------------------
@@ -166,11 +201,18 @@ class Generator(nn.Module):
 
     method: str
 
-    def __init__(self, bank: ExpertBank, settings: GeneratorSettings, c_dim: int):
+    def __init__(self, bank: ExpertBank, settings: GeneratorSettings, c_dim: int, layout: Layout | None = None):
+        """layout: correct the prior with whole-LoRA outputs trained in function space
+        (generation/functional.py); without it, the CVAE works in parameter space."""
         super().__init__()
         self.bank = bank
-        self.settings = settings
-        self.cvae = CVAE(bank.basis.shape[1], c_dim, settings.z_dim, settings.hidden)
+        self.settings = settings.resolved(functional=layout is not None)
+        decoder = LoRADecoder(layout, settings.z_dim + c_dim, settings.hidden) if layout is not None else None
+        self.cvae = CVAE(bank.basis.shape[1], c_dim, settings.z_dim, settings.hidden, decoder)
+
+    @property
+    def functional(self) -> bool:
+        return isinstance(self.cvae.decoder, LoRADecoder)
 
     # Subclasses define, for a batch of queries (B × E) and the expert each must not see
     # (B,) or None: condition(...) -> (c: B × C, prior: B × P, index: B × k, weights: B × k).
@@ -193,33 +235,42 @@ class Generator(nn.Module):
         """Flat parameter vector for one task embedding, and the experts used [(index, weight)].
         k overrides how many experts condition the generation."""
         self.eval()
-        coeffs, index, weights = self.coefficients(query.float()[None], k=k)
-        return self.bank.to_params(coeffs[0]), list(zip(index[0].tolist(), weights[0].tolist()))
+        if self.functional:
+            c, prior, index, weights = self.condition(query.float()[None], k=k)
+            vector = join_factors(self.cvae.decode_mean(c, self.prior_factors(prior)))[0]
+        else:
+            coeffs, index, weights = self.coefficients(query.float()[None], k=k)
+            vector = self.bank.to_params(coeffs[0])
+        return vector, list(zip(index[0].tolist(), weights[0].tolist()))
 
-    def fit(self, examples: list[tuple[int, torch.Tensor]], progress=None) -> list[dict]:
-        """examples: (expert index, one embedding of its description or a paraphrase).
-        Returns the training curve; keeps the state with the best validation error."""
+    def fit(self, examples: list[tuple[int, torch.Tensor]], progress=None, *, runner: BatchedLoRA | None = None,
+            teacher: torch.Tensor | None = None) -> list[dict]:
+        """examples: (expert index, one embedding of its description or a paraphrase); in function
+        space also the runner of the base model and the experts' teacher probabilities on its
+        probes. Returns the training curve; keeps the state with the best validation error."""
         settings = self.settings
-        generator = torch.Generator().manual_seed(settings.seed)
         torch.manual_seed(settings.seed)
         experts = torch.tensor([j for j, _ in examples])
         queries = torch.stack([q for _, q in examples])
         is_held = validation_rows_of(experts, settings)
         train_rows, validation_rows = (~is_held).nonzero().flatten(), is_held.nonzero().flatten()
+        if self.functional:
+            step_loss, validation = self._function_space(queries, experts, train_rows, validation_rows, runner, teacher)
+        else:
+            step_loss, validation = self._parameter_space(queries, experts, train_rows, validation_rows)
         optimizer = torch.optim.AdamW(self.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-        best = self.validation_error(queries[validation_rows], experts[validation_rows])
+        best = validation()
         curve = [{"step": 0, "train_loss": None, "validation_error": round(best, 8)}]
         best_state = self._trainable_state()
+        every = 50 if not self.functional else 100  # a function-space validation runs the base model
         for step in range(settings.steps):
             self.train()
-            rows = train_rows[torch.randint(len(train_rows), (settings.batch_size,), generator=generator)]
-            c, prior, _, _ = self.condition(queries[rows], experts[rows], training=True)
-            loss = self.cvae.loss(self.target(experts[rows], prior), c, settings.beta)
+            loss = step_loss()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if step % 50 == 49 or step == settings.steps - 1:
-                val = self.validation_error(queries[validation_rows], experts[validation_rows])
+            if step % every == every - 1 or step == settings.steps - 1:
+                val = validation()
                 curve.append({"step": step + 1, "train_loss": round(loss.item(), 6), "validation_error": round(val, 8)})
                 if val < best:
                     best, best_state = val, self._trainable_state()
@@ -227,6 +278,66 @@ class Generator(nn.Module):
                     progress((step + 1) / settings.steps, curve[-1])
         self.load_state_dict(best_state, strict=False)
         return curve
+
+    def prior_factors(self, prior: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prior's PCA coefficients (B × P) as LoRA factors, per slot: what the decoder corrects."""
+        return split_factors(self.bank.to_params(prior), self.cvae.decoder.layout)
+
+    def _parameter_space(self, queries, experts, train_rows, validation_rows):
+        """The CVAE models each expert's PCA coefficients around its prior."""
+        generator = torch.Generator().manual_seed(self.settings.seed)
+
+        def step_loss():
+            rows = train_rows[torch.randint(len(train_rows), (self.settings.batch_size,), generator=generator)]
+            c, prior, _, _ = self.condition(queries[rows], experts[rows], training=True)
+            return self.cvae.loss(self.target(experts[rows], prior), c, self.settings.beta)
+
+        return step_loss, lambda: self.validation_error(queries[validation_rows], experts[validation_rows])
+
+    def _function_space(self, queries, experts, train_rows, validation_rows, runner, teacher):
+        """The decoded LoRA must make the base model answer like the expert on probe texts
+        (distillation: cross-entropy to the expert's probabilities), plus β·KL of the latent.
+        Validation: how often a held-out expert's generated adapter predicts the class the
+        expert predicts, on probes drawn class by class (1 − that agreement)."""
+        settings, texts = self.settings, runner.probe.texts
+        rng = random.Random(settings.seed)
+        probes = StratifiedProbes(teacher, settings.seed)
+        rows_of: dict[int, list[int]] = {}
+        for row in train_rows.tolist():
+            rows_of.setdefault(int(experts[row]), []).append(row)
+        trained_experts = sorted(rows_of)
+        first_row = {}
+        for row in validation_rows.tolist():  # each validation expert by its description (its first text)
+            first_row.setdefault(int(experts[row]), row)
+        held_rows = torch.tensor(list(first_row.values()))
+        held_probes = [probes.draw(int(experts[row]), settings.validation_probes) for row in held_rows.tolist()]
+
+        def step_loss():
+            chosen = rng.sample(trained_experts, min(settings.tasks_per_step, len(trained_experts)))
+            rows = torch.tensor([rng.choice(rows_of[j]) for j in chosen])
+            c, prior, _, _ = self.condition(queries[rows], experts[rows], training=True)
+            factors, kl = self.cvae.sample(self.bank.coeffs[experts[rows]] / self.bank.scale, c,
+                                           self.prior_factors(prior))
+            drawn = [(i, probe) for i, j in enumerate(chosen) for probe in probes.draw(j, settings.probes_per_task)]
+            owner = torch.tensor([i for i, _ in drawn])
+            logits = runner.logits([texts[probe] for _, probe in drawn], [(A[owner], B[owner]) for A, B in factors])
+            targets = teacher[torch.tensor(chosen)[owner], torch.tensor([probe for _, probe in drawn])]
+            return distillation_loss(logits, targets) + settings.beta * kl
+
+        @torch.no_grad()
+        def validation() -> float:
+            self.eval()
+            c, prior, _, _ = self.condition(queries[held_rows], experts[held_rows])
+            factors = self.cvae.decode_mean(c, self.prior_factors(prior))
+            agree = total = 0
+            for i, row in enumerate(held_rows.tolist()):
+                chosen = held_probes[i]
+                logits = runner.logits([texts[p] for p in chosen], [(A[i : i + 1], B[i : i + 1]) for A, B in factors])
+                agree += int((logits.argmax(-1) == teacher[int(experts[row]), chosen].argmax(-1)).sum())
+                total += len(chosen)
+            return 1.0 - agree / max(total, 1)
+
+        return step_loss, validation
 
     def _trainable_state(self) -> dict:
         """A copy of the learned tensors only: the expert bank (megabytes) never changes in training."""
@@ -248,6 +359,8 @@ class Generator(nn.Module):
 
         metadata = {"method": self.method, "format_version": str(GENERATOR_FORMAT_VERSION),
                     "settings": json.dumps(asdict(self.settings)), "extra": json.dumps(extra or {})}
+        if self.functional:
+            metadata["decoder_layout"] = json.dumps(self.cvae.decoder.layout.as_json())
         tensors = {k: v.contiguous() for k, v in self.state_dict().items()}
         tensors["bank.basis"] = tensors["bank.basis"].to(torch.float16)  # half the storage; error ≪ LoRA noise
         handle.write(save(tensors, metadata=metadata))
@@ -263,7 +376,8 @@ def load_generator(data: bytes) -> tuple["Generator", dict]:
     settings = GeneratorSettings(**json.loads(metadata["settings"]))
     bank = ExpertBank(tensors["bank.mean"], tensors["bank.basis"].float(), tensors["bank.coeffs"],
                       tensors["bank.task_embeddings"])
-    generator = GENERATORS[metadata["method"]](bank, settings)
+    layout = Layout.from_json(json.loads(metadata["decoder_layout"])) if "decoder_layout" in metadata else None
+    generator = GENERATORS[metadata["method"]](bank, settings, layout=layout)
     generator.load_state_dict({k: v.float() for k, v in tensors.items()})
     generator.eval()
     return generator, json.loads(metadata["extra"])
@@ -282,24 +396,29 @@ def norm_preserving_mix(weights: torch.Tensor, coeffs: torch.Tensor) -> torch.Te
 class SGLoRA(Generator):
     method = "sg-lora"
 
-    def __init__(self, bank: ExpertBank, settings: GeneratorSettings):
+    def __init__(self, bank: ExpertBank, settings: GeneratorSettings, layout: Layout | None = None):
         embedding_dim = bank.task_embeddings.shape[1]
-        super().__init__(bank, settings, c_dim=2 * embedding_dim + bank.basis.shape[1])
+        # In function space the condition is the paper's: the request and the semantic prior
+        # (the experts' weighted task embedding). Their mixed *parameters* are left out there:
+        # mostly expert-specific noise, they only let the decoder memorise its experts.
+        c_dim = 2 * embedding_dim + (0 if layout is not None else bank.basis.shape[1])
+        super().__init__(bank, settings, c_dim, layout)
 
     def condition(self, queries, exclude=None, *, k=None, training=False):
         index, weights, _ = self.bank.neighbours(queries, k or self.settings.k, self.settings.temperature, exclude)
         prior = norm_preserving_mix(weights, self.bank.coeffs[index])
         semantic = nn.functional.normalize(torch.einsum("bk,bke->be", weights, self.bank.task_embeddings[index]), dim=-1)
-        return torch.cat([queries, semantic, prior / self.bank.scale], -1), prior, index, weights
+        parts = [queries, semantic] + ([] if self.functional else [prior / self.bank.scale])
+        return torch.cat(parts, -1), prior, index, weights
 
 
 class ICMLoRA(Generator):
     method = "icm-lora"
     context_dim = 128
 
-    def __init__(self, bank: ExpertBank, settings: GeneratorSettings):
+    def __init__(self, bank: ExpertBank, settings: GeneratorSettings, layout: Layout | None = None):
         embedding_dim, components = bank.task_embeddings.shape[1], bank.basis.shape[1]
-        super().__init__(bank, settings, c_dim=embedding_dim + self.context_dim)
+        super().__init__(bank, settings, embedding_dim + self.context_dim, layout)
         example_dim = 2 * embedding_dim + components + 1
         # Reads one in-context example: (the request, its task embedding, its parameters, its similarity).
         self.example_encoder = _mlp([example_dim, settings.hidden, self.context_dim])
@@ -329,12 +448,22 @@ GENERATORS: dict[str, type[Generator]] = {"sg-lora": SGLoRA, "icm-lora": ICMLoRA
 
 
 def train_generator(method: str, params: torch.Tensor, text_embeddings: list[torch.Tensor],
-                    settings: GeneratorSettings | None = None, progress=None) -> tuple[Generator, list[dict]]:
+                    settings: GeneratorSettings | None = None, progress=None, *,
+                    probe: FunctionProbe | None = None, layout: Layout | None = None,
+                    teacher: torch.Tensor | None = None, teacher_progress=None) -> tuple[Generator, list[dict]]:
     """Fit a generator on n experts: params (n × D) in one layout, and each expert's
-    description + paraphrase embeddings (m_i × E). Returns it and its training curve."""
+    description + paraphrase embeddings (m_i × E). With a probe (the runnable base model
+    and unlabelled inputs) and the layout, it is trained in function space; `teacher`
+    (the experts' probabilities on the probes) may be passed in when several generators
+    share it. Returns the generator and its training curve."""
     settings = settings or GeneratorSettings()
     bank = ExpertBank.fit(params, text_embeddings)
-    generator = GENERATORS[method](bank, settings)
     examples = [(j, e.float()) for j, embeddings in enumerate(text_embeddings) for e in embeddings]
-    curve = generator.fit(examples, progress=progress)
-    return generator, curve
+    if probe is None:
+        generator = GENERATORS[method](bank, settings)
+        return generator, generator.fit(examples, progress=progress)
+    generator = GENERATORS[method](bank, settings, layout=layout)
+    runner = BatchedLoRA(probe, layout)
+    if teacher is None:
+        teacher = teacher_probabilities(runner, params, progress=teacher_progress)
+    return generator, generator.fit(examples, progress=progress, runner=runner, teacher=teacher)

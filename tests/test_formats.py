@@ -44,6 +44,7 @@ from hub.formats import (  # noqa: E402
     summarize_adapter,
     write_peft_adapter,
 )
+from hub.formats.base_model import read_probe_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -600,6 +601,19 @@ def test_base_model_bad_config_and_pickle(demo, tmp_path):
     expect_error("pickle_refused", parse_base_model, {"config.json": upload["config.json"], "pytorch_model.bin": upload["model.safetensors"]})
     upload["model.safetensors"].write_bytes(upload["model.safetensors"].read_bytes()[:-10])
     expect_error("truncated_file", parse_base_model, upload)
+
+
+def test_base_model_probe_texts_are_checked(demo, tmp_path):
+    upload = copied_upload(demo["tiny-llama"], tmp_path)
+    probes = tmp_path / "probe_texts.json"
+    probes.write_text(json.dumps({"texts": ["Anna Nowak", "ul. Polna 3, Kraków"]}))
+    assert parse_base_model({**upload, "probe_texts.json": probes}).parameter_count > 0
+    assert read_probe_texts(probes) == ["Anna Nowak", "ul. Polna 3, Kraków"]
+    for bad in ([], {"texts": []}, {"texts": ["ok", ""]}, {"texts": ["ok", 3]}, {"texts": ["x" * 2001]},
+                {"texts": "one string"}):
+        probes.write_text(json.dumps(bad))
+        error = expect_error("invalid_config", parse_base_model, {**upload, "probe_texts.json": probes})
+        assert error.filename == "probe_texts.json"
 
 
 # ----------------------------------------------------------------------

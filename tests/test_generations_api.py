@@ -40,6 +40,7 @@ def test_generated_adapter_loads_with_peft_and_beats_the_base(trained, small_zoo
     listed = client_for().get("/api/v1/generators/", {"base_model": BASE}).json()
     assert {g["method"] for g in listed} == {"sg-lora", "icm-lora"}
     assert all(len(g["experts"]) == 11 and g["curve"][0]["step"] == 0 for g in listed)
+    assert all(g["settings"]["space"] == "parameter" for g in listed)  # the default
 
     task = _held_out(small_zoo, "unseen_pair")
     api = client_for(make_user("alice"))
@@ -105,4 +106,26 @@ def test_bad_generation_requests_are_refused_and_leave_nothing(zoo_registry, dem
     # Training costs a worker minutes: only the base model's owner (or staff) may ask.
     response = api.post("/api/v1/generators/", {"base_model": BASE}, format="json")
     assert response.status_code == 403 and response.json()["error"]["code"] == "not_base_owner"
+    staff = client_for(make_user("operator", is_staff=True))
+    response = staff.post("/api/v1/generators/", {"base_model": BASE, "space": "sideways"}, format="json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid"
+    # Function space needs a base the hub can run, with probe texts: the demo Llama is neither.
+    response = staff.post("/api/v1/generators/", {"base_model": "quiver-demo/tiny-llama", "space": "function"},
+                          format="json")
+    assert response.status_code == 409, response.json()
+    assert response.json()["error"]["code"] == "function_space_unavailable"
     assert (Job.objects.count(), Adapter.objects.count()) == (jobs_before, adapters_before)
+
+
+def test_function_space_training_runs_the_stored_base_on_its_probe_texts(zoo_registry):
+    """`train_generators --space function`: the service loads the stored zoo base and its
+    probe_texts.json from blob storage, trains by the experts' outputs and records the space."""
+    from django.core.management import call_command
+
+    from hub.models import GeneratorArtifact
+
+    call_command("train_generators", BASE, "--method", "sg-lora", "--space", "function", "--steps", "20")
+    artifact = GeneratorArtifact.objects.get(base_model__namespace="zoo", method="sg-lora")
+    assert artifact.settings["space"] == "function" and artifact.settings["steps"] == 20
+    assert [point["step"] for point in artifact.curve] == [0, 20]
+    assert len(artifact.experts) == 11

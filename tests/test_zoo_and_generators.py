@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from generation import generators, lora_layout
+from generation import functional, generators, lora_layout
 from generation.zoo import data
 from generation.zoo.build import adapter_dir, build_zoo, load_manifest, task_from_entry
 from generation.zoo.evaluate import zoo_adapters
@@ -112,13 +112,22 @@ def test_expert_bank_spans_the_experts(experts):
 
 @pytest.mark.parametrize("method", generators.METHODS)
 def test_generator_trains_saves_loads_and_generates_deterministically(experts, method):
-    from generation.text_encoder import embed_texts
-
     _, layout, params, texts = experts
     generator, curve = generators.train_generator(method, params, texts, generators.GeneratorSettings(steps=200))
     assert curve[0]["step"] == 0 and curve[-1]["step"] == 200
     kept = min(point["validation_error"] for point in curve)
     assert generator.validation_error(*_validation(generator, texts)) == pytest.approx(kept, abs=1e-4)
+    loaded, stored_bytes = _generates_deterministically_and_round_trips(generator, layout)
+    assert not loaded.functional
+    assert stored_bytes < 2 * params.numel() * 4  # never more than twice the experts themselves
+
+
+def _generates_deterministically_and_round_trips(generator, layout):
+    """Generate for one query: a finite vector of the layout, the same every time, experts' weights
+    summing to 1; saved and loaded, the same experts and (float16 basis aside) the same vector.
+    Returns the loaded generator and the stored size."""
+    from generation.text_encoder import embed_texts
+
     query = embed_texts(["Is this text a job title written in Polish?"])[0]
     vector, used = generator.generate(query)
     assert vector.shape == (layout.size,) and torch.isfinite(vector).all()
@@ -131,10 +140,77 @@ def test_generator_trains_saves_loads_and_generates_deterministically(experts, m
     again, used_again = loaded.generate(query)
     assert [i for i, _ in used_again] == [i for i, _ in used]
     assert torch.allclose(again, vector, atol=1e-3 * vector.abs().max())  # the basis is stored in float16
-    assert len(buffer.getvalue()) < 2 * params.numel() * 4  # never more than twice the experts themselves
+    return loaded, len(buffer.getvalue())
 
 
 def _validation(generator, texts):
     experts = torch.tensor([j for j, embeddings in enumerate(texts) for _ in embeddings])
     rows = generators.validation_rows_of(experts, generator.settings)
     return torch.cat(texts)[rows], experts[rows]
+
+
+# ----------------------------------------------------------------------
+# Function space: generators judged by what their adapters do
+
+
+@pytest.fixture(scope="module")
+def function_space(small_zoo, experts):
+    """The zoo base as a FunctionProbe on its registered probe texts, and the experts' teachers."""
+    from generation.zoo import model as zoo_model
+    from hub.formats.base_model import read_probe_texts
+
+    _, layout, params, _ = experts
+    probe = zoo_model.function_probe(small_zoo / "base", read_probe_texts(small_zoo / "base" / "probe_texts.json"))
+    runner = functional.BatchedLoRA(probe, layout)
+    return probe, runner, functional.teacher_probabilities(runner, params)
+
+
+def test_batched_lora_runs_every_row_with_its_own_adapter_as_peft_does(small_zoo, experts, function_space):
+    from peft import PeftModel
+
+    from generation.zoo import model as zoo_model
+
+    population, layout, params, _ = experts
+    _, runner, _ = function_space
+    factors = functional.split_factors(params[:2], layout)
+    assert torch.equal(functional.join_factors(factors), params[:2])
+    texts = ["Anna Nowak", "Software engineer", "+48 601 234 567", "Berlin", "Ein kurzer Satz.", "Kowalski i syn"]
+    rows = torch.tensor([0, 1, 0, 1, 1, 0])
+    with torch.no_grad():
+        got = runner.logits(texts, [(A[rows], B[rows]) for A, B in factors])
+        for j in (0, 1):
+            peft_model = PeftModel.from_pretrained(zoo_model.load_classifier(small_zoo / "base"),
+                                                   adapter_dir(small_zoo, population[j][0]))
+            expected = peft_model(**zoo_model.encode(texts))
+            assert torch.allclose(got[rows == j], expected[rows == j], atol=1e-5)
+    modules = dict(runner.probe.model.named_modules())
+    assert not any(modules[slot.path]._forward_hooks for slot in layout.slots)  # the base is plain again
+
+
+def test_teachers_are_each_experts_own_predictions_on_the_probe_texts(experts, function_space):
+    population, _, _, _ = experts
+    probe, _, teacher = function_space
+    cells = [(category, locale) for category in CATEGORIES for locale in LANGUAGES]
+    per_cell = len(probe.texts) // len(cells)
+    assert teacher.shape == (len(population), len(probe.texts), 2)
+    own, rest = [], []
+    for j, (task, _) in enumerate(population):
+        if task.category and task.locale:  # a pair expert says yes to its own cell's texts, no elsewhere
+            i = cells.index((task.category, task.locale))
+            own.append(teacher[j, i * per_cell : (i + 1) * per_cell, 1].mean())
+            rest.append(torch.cat([teacher[j, : i * per_cell, 1], teacher[j, (i + 1) * per_cell :, 1]]).mean())
+    assert min(own) > 0.6 and max(rest) < 0.3, (own, rest)
+    draws = functional.StratifiedProbes(teacher, seed=0).draw(0, 16)
+    assert sum(int(teacher[0, i].argmax()) for i in draws) == 8  # the expert's two classes alike
+
+
+@pytest.mark.parametrize("method", generators.METHODS)
+def test_function_space_generator_trains_saves_loads_and_generates_deterministically(experts, function_space, method):
+    _, layout, params, texts = experts
+    probe, _, teacher = function_space
+    generator, curve = generators.train_generator(method, params, texts, generators.GeneratorSettings(steps=20),
+                                                  probe=probe, layout=layout, teacher=teacher)
+    assert generator.functional and [point["step"] for point in curve] == [0, 20]
+    assert 0.0 <= curve[-1]["validation_error"] <= 1.0 and curve[-1]["train_loss"] > 0
+    loaded, _ = _generates_deterministically_and_round_trips(generator, layout)
+    assert loaded.functional and loaded.settings.steps == 20

@@ -26,6 +26,7 @@ from .tasks import FAMILIES, Task
 
 LORA_INIT_SEED = 1234
 MANIFEST = "zoo.json"
+PROBE_TEXTS = "probe_texts.json"  # hub.formats.base_model.PROBE_TEXTS_NAME: registered with the base
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,11 @@ def build_zoo(zoo_dir: Path, size: str = "full", *, progress: bool = True) -> di
         shutil.rmtree(partial, ignore_errors=True)
         zoo_model.build_zoo_base(partial)
         partial.rename(base_dir)
+    probes = base_dir / PROBE_TEXTS
+    if not probes.exists():  # zoos built before probe texts existed get them on the next build
+        per_cell = 8 if size == "small" else data.PROBES_PER_CELL  # the small zoo's teachers run in CI
+        probes.with_suffix(".partial").write_text(json.dumps({"texts": data.probe_texts(per_cell)}))
+        probes.with_suffix(".partial").rename(probes)
     entries = []
     for task in tqdm(tasks, desc=f"LoRA zoo ({size})", unit="adapter", disable=not progress):
         final = adapter_dir(zoo_dir, task)
@@ -156,8 +162,10 @@ def zoo_catalog(zoo_dir: Path, namespace: str = ZOO_NAMESPACE) -> dict:
         "base_models": [{
             "namespace": namespace, "name": ZOO_BASE_NAME,
             "description": "all-MiniLM-L6-v2 with mean pooling and a frozen 2-way head fixed by a seed: the "
-                           "base of the LoRA zoo (load with generation.zoo.model.load_classifier).",
-            "files": [base / "config.json", base / "model.safetensors"],
+                           "base of the LoRA zoo (load with generation.zoo.model.load_classifier). "
+                           "probe_texts.json: unlabelled texts of its domain, for function-space generator "
+                           "training.",
+            "files": [base / "config.json", base / "model.safetensors", base / PROBE_TEXTS],
         }],
         "adapters": adapters,
     }

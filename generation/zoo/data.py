@@ -80,3 +80,15 @@ def sample(task: Task, n: int, *, seed: int, split: str = "train") -> tuple[list
         texts.append(rng.choice(text_pool(*source, seed=pool_seed)))
         labels.append(label)
     return texts, labels
+
+
+PROBES_PER_CELL = 24
+
+
+def probe_texts(per_cell: int = PROBES_PER_CELL) -> list[str]:
+    """Unlabelled inputs of the zoo's domain for function-space generator training: the
+    first texts of every (category, language) pool of the training seed, held-out parts
+    included (the experts were trained with them as negatives; nothing here says which
+    task a text belongs to)."""
+    return [text for category in CATEGORIES for locale in LANGUAGES
+            for text in text_pool(category, locale, TRAIN_SEED)[:per_cell]]

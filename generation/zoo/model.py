@@ -19,7 +19,6 @@ import torch  # noqa: E402
 from transformers import BertModel  # noqa: E402
 
 HEAD_SEED = 20240917
-ARCHITECTURE = "QuiverMeanPoolClassifier"
 MAX_LENGTH = 32
 TARGET_MODULES = ("query", "value")
 
@@ -70,10 +69,14 @@ def build_zoo_base(out_dir: Path) -> Path:
     with torch.no_grad():
         model.classifier.weight.copy_(weight)
         model.classifier.bias.copy_(bias)
-    model.config.architectures = [ARCHITECTURE]
     model.config.quiver_head = {"pooling": "mean", "normalize": True, "seed": HEAD_SEED, "frozen": True}
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def is_zoo_classifier(config: dict) -> bool:
+    """Whether a base model's config.json is this classifier's (save_pretrained names the class)."""
+    return config.get("architectures") == [MeanPoolClassifier.__name__] and "quiver_head" in config
 
 
 def load_classifier(base_dir: Path) -> MeanPoolClassifier:
@@ -97,3 +100,12 @@ def accuracy(model, texts: list[str], labels: list[int], batch_size: int = 256) 
     return correct / max(len(texts), 1)
 
 
+
+
+def function_probe(base_dir: Path, texts: list[str]):
+    """The zoo's classifier as a generators' FunctionProbe: frozen, in eval mode."""
+    from generation.functional import FunctionProbe
+
+    model = load_classifier(base_dir)
+    model.requires_grad_(False)
+    return FunctionProbe(model=model, encode=encode, texts=list(texts))

@@ -23,6 +23,11 @@ from .safetensors_header import (
 CONFIG_NAME = "config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+# Optional: unlabelled inputs typical of the base model's domain, {"texts": [...]}. Generators
+# of a base model the hub can run train in function space on them (generation/functional.py).
+PROBE_TEXTS_NAME = "probe_texts.json"
+MAX_PROBE_TEXTS = 20_000
+MAX_PROBE_TEXT_CHARS = 2_000
 SHARD_NAME = re.compile(r"^model-(?P<index>\d+)-of-(?P<total>\d+)\.safetensors$")
 
 
@@ -155,6 +160,8 @@ def parse_base_model(files: dict[str, Path]) -> BaseModelInfo:
     elements_by_dtype: dict[str, int] = {}
     for entry in entries:
         elements_by_dtype[entry.torch_dtype] = elements_by_dtype.get(entry.torch_dtype, 0) + entry.numel
+    if PROBE_TEXTS_NAME in files:
+        read_probe_texts(files[PROBE_TEXTS_NAME])
     architectures = config.get("architectures") or [config["model_type"]]
     return BaseModelInfo(
         architecture=architectures[0],
@@ -165,3 +172,15 @@ def parse_base_model(files: dict[str, Path]) -> BaseModelInfo:
         parameter_count=sum(entry.numel for entry in entries),
         weight_files=weight_files,
     )
+
+
+def read_probe_texts(path: Path) -> list[str]:
+    """The texts of a probe_texts.json, refused unless it is {"texts": [1 to 20 000 non-empty strings]}."""
+    value = read_json_object(path, PROBE_TEXTS_NAME, max_bytes=64 * 1024 * 1024)
+    texts = value.get("texts")
+    if (not isinstance(texts, list) or not 1 <= len(texts) <= MAX_PROBE_TEXTS
+            or not all(isinstance(t, str) and 0 < len(t.strip()) and len(t) <= MAX_PROBE_TEXT_CHARS for t in texts)):
+        raise FormatError("invalid_config", f'{PROBE_TEXTS_NAME} must be {{"texts": [...]}} with 1 to {MAX_PROBE_TEXTS} '
+                                            f"non-empty strings of at most {MAX_PROBE_TEXT_CHARS} characters.",
+                          PROBE_TEXTS_NAME)
+    return texts

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,9 +22,12 @@ from django.db import transaction
 from django.db.models import Max
 
 from generation import generators, lora_layout
+from generation.functional import FunctionProbe
 from generation.text_encoder import embed_texts
+from generation.zoo import model as zoo_model
 from hub.blobs import blobs_on_disk
 from hub.errors import Conflict, Forbidden, InvalidInput
+from hub.formats.base_model import PROBE_TEXTS_NAME, read_probe_texts
 from hub.models import Adapter, BaseModel, GeneratorArtifact, Job, Visibility
 from hub.selectors import get_base_model, latest_generator, load_revision_adapter
 from hub.services.adapters import adapter_made_by, check_new_adapter, upload_canonical_adapter
@@ -30,6 +35,10 @@ from hub.services.files import IncomingFile, store_blobs
 from hub.services.jobs import JobReporter, enqueue_job
 
 MIN_EXPERTS = 4
+# Where generators learn (generation/generators.py). Parameter space is the default: on the zoo,
+# function space generalises better to unseen categories/languages but worse to unseen pairs and
+# costs minutes instead of seconds (README, "Generation").
+SPACES = ("parameter", "function")
 MAX_DESCRIPTION_CHARS = 1000  # a task description, not a document: MiniLM reads 256 tokens at most
 MAX_K = 32
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
@@ -55,8 +64,9 @@ def expert_candidates(base: BaseModel) -> list[Adapter]:
 
 
 def request_generator_training(*, user, base_model: str, methods: list[str] | None = None,
-                               steps: int | None = None) -> list[Job]:
-    """Training costs a worker minutes, so only the base model's owner or staff may ask for it."""
+                               steps: int | None = None, space: str = "parameter") -> list[Job]:
+    """Training costs a worker minutes, so only the base model's owner or staff may ask for it.
+    space: "parameter" (any base) or "function" (a base the hub can run, with probe texts)."""
     base = get_base_model(base_model)
     if user is None or not (user.is_staff or base.owner_id == user.id):
         raise Forbidden("not_base_owner", f"Only the owner of {base.full_name} or staff may train its generators.")
@@ -65,12 +75,19 @@ def request_generator_training(*, user, base_model: str, methods: list[str] | No
     if unknown:
         raise InvalidInput("unknown_method", f"Unknown method {unknown[0]!r}; use one of {list(generators.METHODS)}.",
                            field="method")
+    if space not in SPACES:
+        raise InvalidInput("unknown_space", f"space must be one of {list(SPACES)}.", field="space")
+    if space == "function" and not runs_in_function_space(base):
+        raise Conflict("function_space_unavailable",
+                       f"{base.full_name} cannot train generators in function space: the hub runs only the zoo's "
+                       f"classifier architecture, with a {PROBE_TEXTS_NAME} among its files.", field="space")
     if len(expert_candidates(base)) < MIN_EXPERTS:
         raise Conflict("too_few_experts", f"{base.full_name} needs at least {MIN_EXPERTS} public adapters with "
                                           f"descriptions to train a generator.", field="base_model")
     settings = {"steps": steps} if steps else {}
     return [enqueue_job(kind=Job.Kind.TRAIN_GENERATOR, owner=user,
-                        params={"base_model_id": base.id, "method": m, "settings": settings}) for m in methods]
+                        params={"base_model_id": base.id, "method": m, "settings": settings, "space": space})
+            for m in methods]
 
 
 def _population(base: BaseModel, reporter: JobReporter):
@@ -98,6 +115,22 @@ def _population(base: BaseModel, reporter: JobReporter):
     return layout, experts, skipped, torch.stack(params), texts
 
 
+def runs_in_function_space(base: BaseModel) -> bool:
+    """Whether the hub can run the base as a classifier (today: the zoo's architecture) and has
+    its probe texts, which function-space training needs."""
+    return zoo_model.is_zoo_classifier(base.config) and base.files.filter(filename=PROBE_TEXTS_NAME).exists()
+
+
+@contextmanager
+def function_probe(base: BaseModel) -> Iterator[FunctionProbe]:
+    """The base model as a runnable classifier with its probe texts (runs_in_function_space)."""
+    files = {f.filename: f.blob_id for f in base.files.all()}
+    with blobs_on_disk(files) as paths, tempfile.TemporaryDirectory() as folder:
+        for name in ("config.json", "model.safetensors"):
+            (Path(folder) / name).symlink_to(paths[name])
+        yield zoo_model.function_probe(Path(folder), read_probe_texts(paths[PROBE_TEXTS_NAME]))
+
+
 def train_generator_job(job: Job, reporter: JobReporter) -> dict:
     existing = GeneratorArtifact.objects.filter(job=job).first()
     if existing is not None:  # a redelivered job that already stored its artifact
@@ -106,10 +139,14 @@ def train_generator_job(job: Job, reporter: JobReporter) -> dict:
     method = job.params["method"]
     layout, experts, skipped, params, texts = _population(base, reporter)
     settings = generators.GeneratorSettings(**job.params.get("settings", {}))
-    generator, curve = generators.train_generator(
-        method, params, texts, settings,
-        progress=lambda fraction, point: reporter.progress(0.1 + 0.85 * fraction, f"step {point['step']}: "
-                                                           f"validation error {point['validation_error']:.3g}"))
+    in_function_space = job.params.get("space") == "function"
+    with function_probe(base) if in_function_space else nullcontext() as probe:
+        generator, curve = generators.train_generator(
+            method, params, texts, settings, probe=probe, layout=layout,
+            teacher_progress=lambda done, total: reporter.progress(0.1 + 0.2 * done / total,
+                                                                   f"ran {done}/{total} experts on the probe texts"),
+            progress=lambda fraction, point: reporter.progress(0.3 + 0.65 * fraction, f"step {point['step']}: "
+                                                               f"validation error {point['validation_error']:.3g}"))
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / f"{method}.safetensors"
         with open(path, "wb") as handle:
@@ -122,7 +159,8 @@ def train_generator_job(job: Job, reporter: JobReporter) -> dict:
         version = (base.generators.filter(method=method).aggregate(v=Max("version"))["v"] or 0) + 1
         artifact = GeneratorArtifact.objects.create(
             base_model=base, method=method, version=version, weights=blob, layout=layout.as_json(),
-            experts=experts, skipped=skipped, settings=generator.settings.__dict__, curve=curve, job=job)
+            experts=experts, skipped=skipped, curve=curve, job=job,
+            settings={**generator.settings.__dict__, "space": "function" if generator.functional else "parameter"})
     return _training_result(artifact)
 
 

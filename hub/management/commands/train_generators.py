@@ -15,13 +15,15 @@ class Command(BaseCommand):
         parser.add_argument("base_model", help="namespace/name")
         parser.add_argument("--method", choices=(*METHODS, "all"), default="all")
         parser.add_argument("--steps", type=int, default=None)
+        parser.add_argument("--space", choices=("parameter", "function"), default="parameter",
+                            help="function: train by the base model's outputs on its probe texts")
         parser.add_argument("--background", action="store_true", help="queue the jobs for a worker instead")
 
-    def handle(self, base_model, method, steps, background, **options):
+    def handle(self, base_model, method, steps, space, background, **options):
         base: BaseModel = get_base_model(base_model)
         settings = {"steps": steps} if steps else {}
         for name in METHODS if method == "all" else (method,):
-            params = {"base_model_id": base.id, "method": name, "settings": settings}
+            params = {"base_model_id": base.id, "method": name, "settings": settings, "space": space}
             if background:
                 self.stdout.write(f"queued job {enqueue_job(kind=Job.Kind.TRAIN_GENERATOR, owner=None, params=params).id}")
                 continue
