@@ -5,6 +5,7 @@ from django.urls import reverse
 from rest_framework import serializers
 
 from hub import selectors
+from hub.services import generations
 from hub.models import Adapter, BaseModel, GeneratorArtifact, Job, Revision, Visibility
 
 
@@ -240,7 +241,7 @@ class GeneratorTrainingRequestSerializer(serializers.Serializer):
                                     required=False, allow_empty=False)
     steps = serializers.IntegerField(required=False, min_value=50, max_value=20000,
                                      help_text="training steps (default 1500 in parameter space, 600 in function space)")
-    space = serializers.ChoiceField(choices=["parameter", "function"], default="parameter",
+    space = serializers.ChoiceField(choices=generations.SPACES, default="parameter",
                                     help_text="parameter: the CVAE models the experts' parameters (any base model); "
                                               "function: adapters are trained by what they make the base model "
                                               "answer on its probe texts (a base the hub can run, with "

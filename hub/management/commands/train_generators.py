@@ -3,7 +3,7 @@ from django.core.management.base import BaseCommand
 from generation.generators import METHODS
 from hub.models import BaseModel, Job
 from hub.selectors import get_base_model
-from hub.services.generations import train_generator_job
+from hub.services.generations import SPACES, train_generator_job
 from hub.services.jobs import enqueue_job, run_job
 
 
@@ -15,7 +15,7 @@ class Command(BaseCommand):
         parser.add_argument("base_model", help="namespace/name")
         parser.add_argument("--method", choices=(*METHODS, "all"), default="all")
         parser.add_argument("--steps", type=int, default=None)
-        parser.add_argument("--space", choices=("parameter", "function"), default="parameter",
+        parser.add_argument("--space", choices=SPACES, default="parameter",
                             help="function: train by the base model's outputs on its probe texts")
         parser.add_argument("--background", action="store_true", help="queue the jobs for a worker instead")
 
