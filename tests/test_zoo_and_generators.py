@@ -187,10 +187,10 @@ def test_batched_lora_runs_every_row_with_its_own_adapter_as_peft_does(small_zoo
     assert not any(modules[slot.path]._forward_hooks for slot in layout.slots)  # the base is plain again
 
 
-def test_teachers_are_each_experts_own_predictions_on_the_probe_texts(experts, function_space):
+def test_teachers_are_each_experts_own_predictions_on_the_probe_texts(small_zoo, experts, function_space):
     population, _, _, _ = experts
     probe, _, teacher = function_space
-    cells = [(category, locale) for category in CATEGORIES for locale in LANGUAGES]
+    cells = data.probe_cells([task_from_entry(entry) for entry in load_manifest(small_zoo)["tasks"]])
     per_cell = len(probe.texts) // len(cells)
     assert teacher.shape == (len(population), len(probe.texts), 2)
     own, rest = [], []
@@ -208,7 +208,8 @@ def test_teachers_are_each_experts_own_predictions_on_the_probe_texts(experts, f
 def test_function_space_generator_trains_saves_loads_and_generates_deterministically(experts, function_space, method):
     _, layout, params, texts = experts
     probe, _, teacher = function_space
-    generator, curve = generators.train_generator(method, params, texts, generators.GeneratorSettings(steps=20),
+    settings = generators.GeneratorSettings(steps=20, validation_probes=16)
+    generator, curve = generators.train_generator(method, params, texts, settings,
                                                   probe=probe, layout=layout, teacher=teacher)
     assert generator.functional and [point["step"] for point in curve] == [0, 20]
     assert 0.0 <= curve[-1]["validation_error"] <= 1.0 and curve[-1]["train_loss"] > 0

@@ -85,10 +85,17 @@ def sample(task: Task, n: int, *, seed: int, split: str = "train") -> tuple[list
 PROBES_PER_CELL = 24
 
 
-def probe_texts(per_cell: int = PROBES_PER_CELL) -> list[str]:
+def probe_cells(tasks: list[Task]) -> list[tuple[str, str]]:
+    """The (category, language) cells of the categories and languages a zoo's tasks name, in
+    the family's order: the zoo's domain."""
+    categories = [c for c in CATEGORIES if any(t.category == c for t in tasks)]
+    locales = [loc for loc in LANGUAGES if any(t.locale == loc for t in tasks)]
+    return [(category, locale) for category in categories for locale in locales]
+
+
+def probe_texts(cells: list[tuple[str, str]], per_cell: int = PROBES_PER_CELL) -> list[str]:
     """Unlabelled inputs of the zoo's domain for function-space generator training: the
     first texts of every (category, language) pool of the training seed, held-out parts
     included (the experts were trained with them as negatives; nothing here says which
     task a text belongs to)."""
-    return [text for category in CATEGORIES for locale in LANGUAGES
-            for text in text_pool(category, locale, TRAIN_SEED)[:per_cell]]
+    return [text for category, locale in cells for text in text_pool(category, locale, TRAIN_SEED)[:per_cell]]

@@ -100,8 +100,6 @@ def accuracy(model, texts: list[str], labels: list[int], batch_size: int = 256) 
     return correct / max(len(texts), 1)
 
 
-
-
 def function_probe(base_dir: Path, texts: list[str]):
     """The zoo's classifier as a generators' FunctionProbe: frozen, in eval mode."""
     from generation.functional import FunctionProbe
