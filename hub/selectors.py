@@ -48,8 +48,14 @@ def adapters_for_listing(user, adapters: QuerySet[Adapter]) -> QuerySet[Adapter]
     same few queries whatever N is: the rows (owner, base model, latest revision joined), the
     latest revisions' files with their blobs, and the near duplicates `user` may see (as
     `listed_near_duplicate`, None when there is none or it is hidden from `user`). Search
-    vectors and per-module shapes, which listings do not show, are left in the database."""
-    return adapters.defer("description_embedding", "weight_embedding", "module_shapes", "search_document").prefetch_related(
+    vectors, per-module shapes and the joined rows' large JSON (a base model's config and
+    shapes, a revision's metadata and analysis: kilobytes each on real models, decoded for
+    every hit), which listings do not show, are left in the database."""
+    return adapters.defer(
+        "description_embedding", "weight_embedding", "module_shapes", "search_document",
+        "base_model__config", "base_model__module_shapes", "latest_revision__metadata", "latest_revision__analysis",
+        "owner__password",
+    ).prefetch_related(
         Prefetch("latest_revision__files", queryset=RevisionFile.objects.select_related("blob"), to_attr="listed_files"),
         Prefetch("near_duplicate_of", queryset=visible_adapters(user).select_related(None).only("id", "namespace", "name"),
                  to_attr="listed_near_duplicate"),
