@@ -450,20 +450,23 @@ GENERATORS: dict[str, type[Generator]] = {"sg-lora": SGLoRA, "icm-lora": ICMLoRA
 def train_generator(method: str, params: torch.Tensor, text_embeddings: list[torch.Tensor],
                     settings: GeneratorSettings | None = None, progress=None, *,
                     probe: FunctionProbe | None = None, layout: Layout | None = None,
-                    teacher: torch.Tensor | None = None, teacher_progress=None) -> tuple[Generator, list[dict]]:
+                    teacher: torch.Tensor | None = None) -> tuple[Generator, list[dict]]:
     """Fit a generator on n experts: params (n × D) in one layout, and each expert's
     description + paraphrase embeddings (m_i × E). With a probe (the runnable base model
     and unlabelled inputs) and the layout, it is trained in function space; `teacher`
     (the experts' probabilities on the probes) may be passed in when several generators
-    share it. Returns the generator and its training curve."""
+    share it or it was cached (hub.services.generations.expert_teachers). Returns the generator and its training curve."""
     settings = settings or GeneratorSettings()
     bank = ExpertBank.fit(params, text_embeddings)
     examples = [(j, e.float()) for j, embeddings in enumerate(text_embeddings) for e in embeddings]
-    if probe is None:
-        generator = GENERATORS[method](bank, settings)
-        return generator, generator.fit(examples, progress=progress)
-    generator = GENERATORS[method](bank, settings, layout=layout)
-    runner = BatchedLoRA(probe, layout)
-    if teacher is None:
-        teacher = teacher_probabilities(runner, params, progress=teacher_progress)
-    return generator, generator.fit(examples, progress=progress, runner=runner, teacher=teacher)
+    if probe is not None and teacher is None:
+        teacher = teacher_probabilities(BatchedLoRA(probe, layout), params)
+    # The same inputs and settings train the same generator: its initial weights come from the
+    # seed, not from whatever the process drew before (the caller's random state is left as it was).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        if probe is None:
+            generator = GENERATORS[method](bank, settings)
+            return generator, generator.fit(examples, progress=progress)
+        generator = GENERATORS[method](bank, settings, layout=layout)
+        return generator, generator.fit(examples, progress=progress, runner=BatchedLoRA(probe, layout), teacher=teacher)

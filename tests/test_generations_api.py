@@ -119,13 +119,28 @@ def test_bad_generation_requests_are_refused_and_leave_nothing(zoo_registry, dem
 
 def test_function_space_training_runs_the_stored_base_on_its_probe_texts(zoo_registry):
     """`train_generators --space function`: the service loads the stored zoo base and its
-    probe_texts.json from blob storage, trains by the experts' outputs and records the space."""
+    probe_texts.json from blob storage, trains by the experts' outputs and records the space.
+    The experts' outputs are kept: training again runs no expert and learns exactly the same."""
     from django.core.management import call_command
 
+    from hub.blobs import blob_storage
     from hub.models import GeneratorArtifact
+    from hub.services.generations import TEACHERS_PREFIX
 
-    call_command("train_generators", BASE, "--method", "sg-lora", "--space", "function", "--steps", "20")
-    artifact = GeneratorArtifact.objects.get(base_model__namespace="zoo", method="sg-lora")
+    storage = blob_storage()  # kept between test runs, as in production: start with none cached
+    if storage.exists(TEACHERS_PREFIX):
+        for name in storage.listdir(TEACHERS_PREFIX)[1]:
+            storage.delete(TEACHERS_PREFIX + name)
+
+    def train() -> tuple[GeneratorArtifact, dict]:
+        call_command("train_generators", BASE, "--method", "sg-lora", "--space", "function", "--steps", "20")
+        artifact = GeneratorArtifact.objects.filter(base_model__namespace="zoo", method="sg-lora").latest("version")
+        return artifact, artifact.job.result
+
+    artifact, result = train()
     assert artifact.settings["space"] == "function" and artifact.settings["steps"] == 20
     assert [point["step"] for point in artifact.curve] == [0, 20]
-    assert len(artifact.experts) == 11
+    assert len(artifact.experts) == 11 and result["teachers"] == {"computed": 11, "reused": 0}
+    again, result = train()
+    assert again.version == artifact.version + 1 and result["teachers"] == {"computed": 0, "reused": 11}
+    assert again.curve == artifact.curve  # the reused outputs are the computed ones, to the bit

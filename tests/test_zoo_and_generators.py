@@ -115,6 +115,8 @@ def test_generator_trains_saves_loads_and_generates_deterministically(experts, m
     _, layout, params, texts = experts
     generator, curve = generators.train_generator(method, params, texts, generators.GeneratorSettings(steps=200))
     assert curve[0]["step"] == 0 and curve[-1]["step"] == 200
+    torch.rand(3)  # whatever the process drew in between, the same settings train the same generator
+    assert generators.train_generator(method, params, texts, generators.GeneratorSettings(steps=200))[1] == curve
     kept = min(point["validation_error"] for point in curve)
     assert generator.validation_error(*_validation(generator, texts)) == pytest.approx(kept, abs=1e-4)
     loaded, stored_bytes = _generates_deterministically_and_round_trips(generator, layout)

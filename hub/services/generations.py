@@ -9,6 +9,8 @@ generated are not experts either (a generator must not learn from itself).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import tempfile
 import uuid
@@ -18,17 +20,18 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from django.core.files.base import ContentFile
 from django.db import transaction
 from django.db.models import Max
 
-from generation import generators, lora_layout
+from generation import functional, generators, lora_layout
 from generation.functional import FunctionProbe
 from generation.text_encoder import embed_texts
 from generation.zoo import model as zoo_model
-from hub.blobs import blobs_on_disk
+from hub.blobs import blob_storage, blobs_on_disk
 from hub.errors import Conflict, Forbidden, InvalidInput
 from hub.formats.base_model import PROBE_TEXTS_NAME, read_probe_texts
-from hub.models import Adapter, BaseModel, GeneratorArtifact, Job, Visibility
+from hub.models import Adapter, BaseModel, GeneratorArtifact, Job, Revision, Visibility
 from hub.selectors import get_base_model, latest_generator, load_revision_adapter
 from hub.services.adapters import adapter_made_by, check_new_adapter, upload_canonical_adapter
 from hub.services.files import IncomingFile, store_blobs
@@ -131,6 +134,55 @@ def function_probe(base: BaseModel) -> Iterator[FunctionProbe]:
         yield zoo_model.function_probe(Path(folder), read_probe_texts(paths[PROBE_TEXTS_NAME]))
 
 
+# Function-space training needs every expert's probabilities on the probe texts (its teacher):
+# minutes of forward passes on a full zoo, and the same every time for the same files. They are
+# kept in blob storage, keyed by what determines them (the base's files, the expert revision's
+# commit, this version), so retraining (the other method, more steps, one new expert) runs only
+# the experts it has not run before. Each expert's row is computed on its own
+# (teacher_probabilities), so a cached row is exactly what a fresh run would give.
+TEACHERS_VERSION = 1  # bump when the classifier's forward or teacher_probabilities changes
+TEACHERS_PREFIX = "derived/teachers/"
+
+
+def _teacher_path(base_files: dict[str, str], revision: Revision) -> str:
+    key = json.dumps([TEACHERS_VERSION, sorted(base_files.items()), revision.commit])
+    return f"{TEACHERS_PREFIX}{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
+
+
+def _cached_teacher(storage, path: str, probe_texts: int) -> torch.Tensor | None:
+    from safetensors.torch import load
+
+    if not storage.exists(path):
+        return None
+    with storage.open(path, "rb") as handle:
+        row = load(handle.read()).get("teacher")
+    return row if row is not None and row.ndim == 2 and row.shape[0] == probe_texts else None
+
+
+def expert_teachers(base: BaseModel, experts: list[dict], params: torch.Tensor, layout, probe: FunctionProbe,
+                    reporter: JobReporter) -> tuple[torch.Tensor, dict]:
+    """n × probe texts × classes teacher probabilities, from the cache where it has them; and
+    how many were computed and how many reused."""
+    from safetensors.torch import save
+
+    storage = blob_storage()
+    base_files = {f.filename: f.blob_id for f in base.files.all()}
+    revisions = Revision.objects.in_bulk([expert["revision_id"] for expert in experts])
+    paths = [_teacher_path(base_files, revisions[expert["revision_id"]]) for expert in experts]
+    rows = {j: row for j, path in enumerate(paths) if (row := _cached_teacher(storage, path, len(probe.texts))) is not None}
+    missing = [j for j in range(len(experts)) if j not in rows]
+    if missing:
+        computed = functional.teacher_probabilities(
+            functional.BatchedLoRA(probe, layout), params[missing],
+            progress=lambda done, total: reporter.progress(0.1 + 0.2 * done / total,
+                                                           f"ran {done}/{total} experts on the probe texts"))
+        for j, row in zip(missing, computed):
+            rows[j] = row
+            storage.save(paths[j], ContentFile(save({"teacher": row.contiguous()})))
+    teacher = torch.stack([rows[j] for j in range(len(experts))])
+    return teacher, {"computed": len(missing), "reused": len(experts) - len(missing)}
+
+
 def train_generator_job(job: Job, reporter: JobReporter) -> dict:
     existing = GeneratorArtifact.objects.filter(job=job).first()
     if existing is not None:  # a redelivered job that already stored its artifact
@@ -141,10 +193,9 @@ def train_generator_job(job: Job, reporter: JobReporter) -> dict:
     settings = generators.GeneratorSettings(**job.params.get("settings", {}))
     in_function_space = job.params.get("space") == "function"
     with function_probe(base) if in_function_space else nullcontext() as probe:
+        teacher, teachers = expert_teachers(base, experts, params, layout, probe, reporter) if probe else (None, None)
         generator, curve = generators.train_generator(
-            method, params, texts, settings, probe=probe, layout=layout,
-            teacher_progress=lambda done, total: reporter.progress(0.1 + 0.2 * done / total,
-                                                                   f"ran {done}/{total} experts on the probe texts"),
+            method, params, texts, settings, probe=probe, layout=layout, teacher=teacher,
             progress=lambda fraction, point: reporter.progress(0.3 + 0.65 * fraction, f"step {point['step']}: "
                                                                f"validation error {point['validation_error']:.3g}"))
     with tempfile.TemporaryDirectory() as scratch:
@@ -161,7 +212,7 @@ def train_generator_job(job: Job, reporter: JobReporter) -> dict:
             base_model=base, method=method, version=version, weights=blob, layout=layout.as_json(),
             experts=experts, skipped=skipped, curve=curve, job=job,
             settings={**generator.settings.__dict__, "space": "function" if generator.functional else "parameter"})
-    return _training_result(artifact)
+    return {**_training_result(artifact), **({"teachers": teachers} if teachers else {})}
 
 
 def _training_result(artifact: GeneratorArtifact) -> dict:
