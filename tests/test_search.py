@@ -52,6 +52,23 @@ def test_search_filters_apply_and_results_say_what_matched(registry, client):
     assert client.get("/api/v1/search", {"q": "x", "k": 1000}).status_code == 400
 
 
+def test_narrowing_a_search_reuses_its_query_vector(registry, client):
+    """Same words, other filters: the encoder runs once, and the kept vector is the encoder's."""
+    from django.conf import settings
+
+    from generation import text_encoder
+    from hub.services import embeddings
+
+    embeddings._query_vector.cache_clear()
+    query = "style for image generation"
+    for filters in ({}, {"base_model": "quiver-demo/tiny-clip-text"}, {"format": "kohya"}):
+        assert client.get("/api/v1/search", {"q": query, **filters}).status_code == 200
+    info = embeddings._query_vector.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+    fresh = text_encoder.embed_query(query, settings.QUIVER_QUERY_PRECISION).tolist()
+    assert embeddings.embed_query(query) == fresh
+
+
 def test_private_adapters_never_appear_in_others_search_or_similar(registry, make_user, client_for):
     from hub.models import Job
 
