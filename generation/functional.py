@@ -130,9 +130,9 @@ class StratifiedProbes:
 
     def __init__(self, teacher: torch.Tensor, seed: int):
         predicted = teacher.argmax(-1)  # n × T
-        self.rows = [[(predicted[j] == c).nonzero().flatten().tolist() for c in range(teacher.shape[-1])]
-                     for j in range(teacher.shape[0])]
-        self.rows = [[rows for rows in by_class if rows] for by_class in self.rows]
+        by_expert = ([(predicted[j] == c).nonzero().flatten().tolist() for c in range(teacher.shape[-1])]
+                     for j in range(teacher.shape[0]))
+        self.rows = [[rows for rows in by_class if rows] for by_class in by_expert]  # classes it predicts
         self.random = random.Random(seed)
 
     def draw(self, expert: int, count: int) -> list[int]:
