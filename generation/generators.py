@@ -455,7 +455,8 @@ def train_generator(method: str, params: torch.Tensor, text_embeddings: list[tor
     description + paraphrase embeddings (m_i × E). With a probe (the runnable base model
     and unlabelled inputs) and the layout, it is trained in function space; `teacher`
     (the experts' probabilities on the probes) may be passed in when several generators
-    share it or it was cached (hub.services.generations.expert_teachers). Returns the generator and its training curve."""
+    share it or it was cached (hub.services.generations.expert_teachers). Returns the
+    generator and its training curve."""
     settings = settings or GeneratorSettings()
     bank = ExpertBank.fit(params, text_embeddings)
     examples = [(j, e.float()) for j, embeddings in enumerate(text_embeddings) for e in embeddings]
