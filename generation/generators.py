@@ -460,14 +460,12 @@ def train_generator(method: str, params: torch.Tensor, text_embeddings: list[tor
     settings = settings or GeneratorSettings()
     bank = ExpertBank.fit(params, text_embeddings)
     examples = [(j, e.float()) for j, embeddings in enumerate(text_embeddings) for e in embeddings]
-    if probe is not None and teacher is None:
-        teacher = teacher_probabilities(BatchedLoRA(probe, layout), params)
+    runner = BatchedLoRA(probe, layout) if probe is not None else None
+    if runner is not None and teacher is None:
+        teacher = teacher_probabilities(runner, params)
     # The same inputs and settings train the same generator: its initial weights come from the
     # seed, not from whatever the process drew before (the caller's random state is left as it was).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        if probe is None:
-            generator = GENERATORS[method](bank, settings)
-            return generator, generator.fit(examples, progress=progress)
-        generator = GENERATORS[method](bank, settings, layout=layout)
-        return generator, generator.fit(examples, progress=progress, runner=BatchedLoRA(probe, layout), teacher=teacher)
+        generator = GENERATORS[method](bank, settings, layout=layout if runner is not None else None)
+        return generator, generator.fit(examples, progress=progress, runner=runner, teacher=teacher)
