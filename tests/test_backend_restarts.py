@@ -124,3 +124,23 @@ def test_requests_get_503_while_a_backend_is_down_and_succeed_after_its_restart(
         assert page.status_code == 503 and "unavailable" in page.text
         assert start_postgres(pg_dir) == env["DATABASE_URL"]  # same socket, same URL
         _recovered(url)
+
+
+def test_the_embedded_postgres_keeps_a_buffer_pool_sized_to_the_machine():
+    """The HNSW graphs must stay in the buffer pool: the embedded server starts with shared_buffers
+    a quarter of memory (128 MB to 2 GB), not PostgreSQL's 128 MB default."""
+    import psycopg
+
+    from hub import embedded
+
+    assert embedded.shared_buffers_mb(256 * 2**20) == 128
+    assert embedded.shared_buffers_mb(4 * 2**30) == 1024
+    assert embedded.shared_buffers_mb(64 * 2**30) == 2048
+    pg_dir = ROOT / "var" / "test" / "settings-pg"
+    database_url = start_postgres(pg_dir)
+    try:
+        with psycopg.connect(database_url) as connection:
+            pages = connection.execute("SELECT setting::bigint FROM pg_settings WHERE name = 'shared_buffers'").fetchone()[0]
+        assert pages * 8 // 1024 == embedded.shared_buffers_mb() != 128
+    finally:
+        embedded.stop_postgres(pg_dir)

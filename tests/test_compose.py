@@ -113,6 +113,8 @@ def test_compose_config_resolves_services(compose):
     assert web_env["REDIS_URL"] == "redis://redis:6379/0"
     assert web_env["DJANGO_DEBUG"] == "0"
     assert web_env["HF_HUB_OFFLINE"] == "1"
+    # HNSW graphs stay in PostgreSQL's buffer pool (not the image's 128 MB default).
+    assert "shared_buffers=1GB" in resolved["services"]["postgres"]["command"]
     # The merged (<<:) GPU override keeps its device reservation.
     devices = resolved["services"]["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
