@@ -128,14 +128,14 @@ def test_requests_get_503_while_a_backend_is_down_and_succeed_after_its_restart(
 
 def test_the_embedded_postgres_keeps_a_buffer_pool_sized_to_the_machine():
     """The HNSW graphs must stay in the buffer pool: the embedded server starts with shared_buffers
-    a quarter of memory (128 MB to 2 GB), not PostgreSQL's 128 MB default."""
+    a quarter of memory (128 MB to 1 GB), not PostgreSQL's 128 MB default."""
     import psycopg
 
     from hub import embedded
 
     assert embedded.shared_buffers_mb(256 * 2**20) == 128
-    assert embedded.shared_buffers_mb(4 * 2**30) == 1024
-    assert embedded.shared_buffers_mb(64 * 2**30) == 2048
+    assert embedded.shared_buffers_mb(2 * 2**30) == 512
+    assert embedded.shared_buffers_mb(64 * 2**30) == 1024
     pg_dir = ROOT / "var" / "test" / "settings-pg"
     database_url = start_postgres(pg_dir)
     try:

@@ -194,9 +194,11 @@ def train_generator_job(job: Job, reporter: JobReporter) -> dict:
     in_function_space = job.params.get("space") == "function"
     with function_probe(base) if in_function_space else nullcontext() as probe:
         teacher, teachers = expert_teachers(base, experts, params, layout, probe, reporter) if probe else (None, None)
+        start = 0.3 if probe else 0.1  # after reading the adapters (0.1) and, in function space, the teachers (0.3)
         generator, curve = generators.train_generator(
             method, params, texts, settings, probe=probe, layout=layout, teacher=teacher,
-            progress=lambda fraction, point: reporter.progress(0.3 + 0.65 * fraction, f"step {point['step']}: "
+            progress=lambda fraction, point: reporter.progress(start + (0.95 - start) * fraction,
+                                                               f"step {point['step']}: "
                                                                f"validation error {point['validation_error']:.3g}"))
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / f"{method}.safetensors"
