@@ -115,6 +115,7 @@ def test_compose_config_resolves_services(compose):
     assert web_env["HF_HUB_OFFLINE"] == "1"
     # HNSW graphs stay in PostgreSQL's buffer pool (not the image's 128 MB default).
     assert "shared_buffers=1GB" in resolved["services"]["postgres"]["command"]
+    assert "shared_preload_libraries=pg_prewarm" in resolved["services"]["postgres"]["command"]  # reloaded after a restart
     # The merged (<<:) GPU override keeps its device reservation.
     devices = resolved["services"]["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
