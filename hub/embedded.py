@@ -64,9 +64,10 @@ def shared_buffers_mb(memory_bytes: int | None = None) -> int:
     """PostgreSQL's buffer pool for the embedded server: a quarter of the machine's memory (the
     PostgreSQL manual's starting point for a dedicated server), between its 128 MB default and
     1 GB (room for both HNSW indexes and the table at 100 000 adapters; a development machine's
-    server shares the machine with the hub). Why it matters: an HNSW scan touches ~1 300 pages of a graph that is 195 MB per index
-    at 100 000 adapters; with the 128 MB default those pages are evicted and read back through the
-    kernel on every search (search statement 8.7 ms instead of 2.4 ms, measured)."""
+    server shares the machine with the hub). Why it matters: an HNSW scan touches ~1 300 pages of
+    a graph that is 195 MB per index at 100 000 adapters; with the 128 MB default those pages are
+    evicted and read back through the kernel on every search (search statement 8.7 ms instead of
+    2.4 ms, measured)."""
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return max(128, min(1024, memory_bytes // 4 // 2**20))
