@@ -414,8 +414,8 @@ def stage_timings(queries: list[str]) -> dict:
 
     from api.serializers import SearchHitSerializer
     from hub.ranking import fuse
-    from hub.search import SearchHit, rankings_query
-    from hub.selectors import adapter_list, adapters_for_listing, visible_adapters
+    from hub.search import RANKINGS, SearchHit, rankings_statement
+    from hub.selectors import adapters_for_listing, visible_adapters
     from hub.services.embeddings import _query_vector, embed_query
 
     threads = torch.get_num_threads()
@@ -433,8 +433,7 @@ def stage_timings(queries: list[str]) -> dict:
     for query in queries:
         _query_vector.cache_clear()  # these queries were embedded for the recall figures: time the encoder
         vector = timed("embed", lambda: embed_query(query))
-        scope = adapter_list(None).order_by()
-        rows = timed("rankings_sql", lambda: list(rankings_query(scope, query, vector, 40)))
+        rows = timed("rankings_sql", lambda: rankings_statement(None, limit=40, modes=RANKINGS).rows(query, vector))
         rankings: dict[str, list[tuple[int, float]]] = {}
         for ranking, adapter_id, value in rows:
             rankings.setdefault(ranking, []).append((adapter_id, value))

@@ -34,12 +34,21 @@ ADAPTER_SORTS = {
 README_MAX_BYTES = 512 * 1024
 
 
+def visibility_scope(user) -> tuple:
+    """What `user` may see, as a key that `visible_adapters` is derived from: users with equal
+    keys get the same SQL, so statements compiled for one serve the others (hub.search)."""
+    if user is not None and user.is_authenticated:
+        return ("all",) if user.is_staff else ("public_or_owned_by", user.pk)
+    return ("public",)
+
+
 def visible_adapters(user) -> QuerySet[Adapter]:
     adapters = Adapter.objects.select_related("base_model", "owner", "latest_revision")
-    if user is not None and user.is_authenticated:
-        if user.is_staff:
-            return adapters
-        return adapters.filter(Q(visibility=Visibility.PUBLIC) | Q(owner=user))
+    scope = visibility_scope(user)
+    if scope[0] == "all":
+        return adapters
+    if scope[0] == "public_or_owned_by":
+        return adapters.filter(Q(visibility=Visibility.PUBLIC) | Q(owner_id=scope[1]))
     return adapters.filter(visibility=Visibility.PUBLIC)
 
 

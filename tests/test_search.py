@@ -164,3 +164,27 @@ def test_a_search_makes_the_same_few_sql_queries_whatever_k(registry, make_user,
     assert mine["provenance"]["parents"][0]["adapter"] == "quiver-demo/sql-from-questions"
     # rankings, hits, their latest files, visible near duplicates, visible provenance parents
     assert counts[2] == counts[5] == counts[20] <= 5, counts
+
+
+def test_search_statements_are_compiled_once_per_shape_and_equal_the_orms(registry, make_user):
+    """A kept rankings statement, its words and vector put in, is exactly the statement the ORM
+    compiles for that search: for anonymous, signed-in and staff users, with and without filters.
+    Users who see the same adapters share one; a user who sees their own private ones does not."""
+    from hub.search import RANKINGS, rankings_query, rankings_statement
+    from hub.selectors import adapter_list
+    from hub.services.embeddings import embed_query
+
+    alice, bob, staff = make_user("alice"), make_user("bob"), make_user("root", is_staff=True)
+    shapes = [(None, {}), (alice, {}), (staff, {}),
+              (None, {"base_model": "quiver-demo/tiny-clip-text", "format": "kohya", "tag": "style", "license": "mit"})]
+    for query in ("watercolor style for images", "summarise support tickets"):
+        vector = embed_query(query)
+        for user, filters in shapes:
+            statement = rankings_statement(user, limit=40, modes=RANKINGS, **filters)
+            orm = rankings_query(adapter_list(user, **filters).order_by(), query, vector, 40).query.sql_with_params()
+            assert (statement.sql, statement.params_for(query, vector)) == (orm[0], list(orm[1]))
+            assert statement.rows(query, vector) == [tuple(row) for row in rankings_query(
+                adapter_list(user, **filters).order_by(), query, vector, 40)]
+    assert rankings_statement(None, limit=40, modes=RANKINGS) is rankings_statement(None, limit=40, modes=RANKINGS)
+    assert rankings_statement(alice, limit=40, modes=RANKINGS) is not rankings_statement(bob, limit=40, modes=RANKINGS)
+    assert rankings_statement(alice, limit=40, modes=RANKINGS).sql == rankings_statement(bob, limit=40, modes=RANKINGS).sql
