@@ -128,7 +128,8 @@ class RankingsStatement:
             expected[i] = self.QUERY_STAND_INS[1]
         for i in self.vector_slots:
             expected[i] = vector_texts[1]
-        if second_sql != self.sql or list(second) != expected or not self.vector_slots:
+        # A value the slots missed (or one inlined into the SQL) differs between the two compilations.
+        if second_sql != self.sql or list(second) != expected:
             raise RuntimeError("the rankings statement's SQL depends on more than its words and vector")
 
     def params_for(self, query: str, vector) -> list:

@@ -179,12 +179,13 @@ def test_search_statements_are_compiled_once_per_shape_and_equal_the_orms(regist
               (None, {"base_model": "quiver-demo/tiny-clip-text", "format": "kohya", "tag": "style", "license": "mit"})]
     for query in ("watercolor style for images", "summarise support tickets"):
         vector = embed_query(query)
-        for user, filters in shapes:
-            statement = rankings_statement(user, limit=40, modes=RANKINGS, **filters)
-            orm = rankings_query(adapter_list(user, **filters).order_by(), query, vector, 40).query.sql_with_params()
-            assert (statement.sql, statement.params_for(query, vector)) == (orm[0], list(orm[1]))
-            assert statement.rows(query, vector) == [tuple(row) for row in rankings_query(
-                adapter_list(user, **filters).order_by(), query, vector, 40)]
+        for (user, filters), modes in [*((shape, RANKINGS) for shape in shapes),
+                                       ((None, {}), ("keywords",)), ((None, {}), ("description",))]:
+            statement = rankings_statement(user, limit=40, modes=modes, **filters)
+            orm = rankings_query(adapter_list(user, **filters).order_by(), query, vector, 40, modes)
+            assert (statement.sql, statement.params_for(query, vector)) == (orm.query.sql_with_params()[0],
+                                                                            list(orm.query.sql_with_params()[1]))
+            assert statement.rows(query, vector) == [tuple(row) for row in orm]
     assert rankings_statement(None, limit=40, modes=RANKINGS) is rankings_statement(None, limit=40, modes=RANKINGS)
     assert rankings_statement(alice, limit=40, modes=RANKINGS) is not rankings_statement(bob, limit=40, modes=RANKINGS)
     assert rankings_statement(alice, limit=40, modes=RANKINGS).sql == rankings_statement(bob, limit=40, modes=RANKINGS).sql
