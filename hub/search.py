@@ -73,8 +73,8 @@ def _keyword_query(scope: QuerySet, query: str, limit: int) -> QuerySet:
 
 # The label (EncoderArtifact.label) of the active trained encoder, as SQL: the weight ranking reads it
 # inside the search statement, so a newly trained encoder counts at once in every web process, with
-# no extra round trip and no cache to invalidate. Raw SQL because the ORM spelling of this subquery
-# took longer to compile (≈ 1 ms a search) than PostgreSQL takes to run it.
+# no extra round trip and no cache to invalidate (a kept RankingsStatement reads it too). Raw SQL
+# because the ORM spelling of this subquery compiled slower than PostgreSQL runs it (≈ 1 ms).
 ACTIVE_WEIGHT_LABEL_SQL = (
     f"(SELECT version || '@' || left(weights_id, 12) FROM {EncoderArtifact._meta.db_table}"
     " WHERE active AND version = %s ORDER BY created_at DESC LIMIT 1)")

@@ -183,8 +183,8 @@ def test_search_statements_are_compiled_once_per_shape_and_equal_the_orms(regist
                                        ((None, {}), ("keywords",)), ((None, {}), ("description",))]:
             statement = rankings_statement(user, limit=40, modes=modes, **filters)
             orm = rankings_query(adapter_list(user, **filters).order_by(), query, vector, 40, modes)
-            assert (statement.sql, statement.params_for(query, vector)) == (orm.query.sql_with_params()[0],
-                                                                            list(orm.query.sql_with_params()[1]))
+            sql, params = orm.query.sql_with_params()
+            assert (statement.sql, statement.params_for(query, vector)) == (sql, list(params))
             assert statement.rows(query, vector) == [tuple(row) for row in orm]
     assert rankings_statement(None, limit=40, modes=RANKINGS) is rankings_statement(None, limit=40, modes=RANKINGS)
     assert rankings_statement(alice, limit=40, modes=RANKINGS) is not rankings_statement(bob, limit=40, modes=RANKINGS)
