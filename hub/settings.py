@@ -81,8 +81,11 @@ TEMPLATES = [
     }
 ]
 
-# Health checks: a persistent connection broken by a database restart is replaced at the next request.
-DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60, conn_health_checks=True)}
+# Connections persist for the life of the process (CONN_MAX_AGE None): a request on a new one pays the
+# connection and a fresh backend's catalog caches, +11 ms on a search measured here (18.7 → 29.9 ms),
+# which with a maximum age (60 s before) every request after a quiet minute paid. Health checks replace
+# a connection broken by a database restart at the next request (tests/test_backend_restarts.py).
+DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=None, conn_health_checks=True)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ["REDIS_URL"]

@@ -30,3 +30,29 @@ def test_openapi_schema_lists_the_v1_endpoints(client, db):
                  "/api/v1/jobs/{job_id}/", "/api/v1/health",
                  "/api/v1/adapters/{namespace}/{name}/files/{filename}"):
         assert path in schema["paths"], path
+
+
+@pytest.mark.django_db(transaction=True)
+def test_database_connections_outlive_quiet_periods(client, monkeypatch):
+    """A web worker keeps its PostgreSQL connection however long it waits between requests: the
+    request boundaries (close_old_connections, what Django runs around every request) close only a
+    connection that is broken or left mid-transaction, so a request after an idle hour does not pay
+    for a new connection and a cold backend."""
+    import time
+
+    from django.db import close_old_connections, connection
+    from django.db.backends.base import base
+
+    def backend_pid() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            return cursor.fetchone()[0]
+
+    assert client.get("/api/v1/health").status_code == 200
+    first = backend_pid()
+    later = time.monotonic() + 3600
+    monkeypatch.setattr(base.time, "monotonic", lambda: later)
+    close_old_connections()  # request finished, an hour passes, the next request starts
+    close_old_connections()
+    assert client.get("/api/v1/health").status_code == 200
+    assert backend_pid() == first
