@@ -123,7 +123,7 @@ SESSION_WORKER = f"test-{os.getpid()}"
 
 
 @pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup, django_db_blocker):
+def session_worker(django_db_setup, django_db_blocker):
     """A real `celery worker` process on the test database, consuming every queue."""
     from workers import app
 
@@ -131,6 +131,15 @@ def celery_worker_process(django_db_setup, django_db_blocker):
     process = start_worker(ARTIFACTS / "celery-worker.log", name=SESSION_WORKER)
     yield process
     stop_worker(process)
+
+
+@pytest.fixture
+def celery_worker_process(session_worker):
+    """The session's worker, for one (transactional) test, which ends only once the jobs it queued
+    have finished: the tables are truncated after the test, and a job still writing (the embedding
+    a composed adapter's upload queued, say) would deadlock the TRUNCATE and leave rows behind."""
+    yield session_worker
+    wait_for_jobs_to_settle()
 
 
 def wait_for_job(job_id, *, timeout: float = 120.0):
@@ -144,6 +153,17 @@ def wait_for_job(job_id, *, timeout: float = 120.0):
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} still {job.state} after {timeout}s")
+
+
+def wait_for_jobs_to_settle(timeout: float = 300.0) -> None:
+    from hub.models import Job
+
+    unfinished = Job.objects.filter(state__in=(Job.State.QUEUED, Job.State.RUNNING))
+    deadline = time.monotonic() + timeout
+    while unfinished.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"jobs still unfinished after {timeout}s: {list(unfinished.values_list('kind', 'state'))}")
+        time.sleep(0.2)
 
 
 def wait_for_all_jobs():

@@ -374,6 +374,25 @@ def test_embed_texts_gives_sentence_transformers_vectors():
     assert (one_at_a_time - reference).abs().max() < 1e-6
 
 
+def test_packed_linear_matches_plain_linear(monkeypatch):
+    """The encoder's linears (weights packed once for oneDNN, GELU or the residual fused in) compute
+    what F.linear does, and so does the fallback for PyTorch builds without oneDNN."""
+    from generation import text_encoder
+
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(48, 32, generator=generator), torch.randn(48, generator=generator)
+    x, residual = torch.randn(7, 32, generator=generator), torch.randn(7, 48, generator=generator)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    packed = text_encoder.Linear.of(weight, bias, torch.float32)
+    monkeypatch.setattr(text_encoder, "ONEDNN", False)
+    plain = text_encoder.Linear.of(weight, bias, torch.float32)
+    assert packed.packed == text_encoder.torch.backends.mkldnn.is_available() and not plain.packed
+    for linear in (packed, plain):
+        torch.testing.assert_close(linear(x), expected)
+        torch.testing.assert_close(linear(x, gelu=True), torch.nn.functional.gelu(expected))
+        torch.testing.assert_close(linear(x, residual=residual), expected + residual)
+
+
 def test_bfloat16_queries_land_where_float32_ones_do():
     """Search queries may run the layers in bfloat16 (text_encoder.embed_query): each vector stays
     within cosine 0.9995 of the float32 one (0.99996 on average over search queries), and ranks stored
