@@ -16,9 +16,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("QUIVER_WEB_TORCH_THREADS", 1)))
 
-from hub.services.embeddings import embed_query  # noqa: E402
+from hub.services.embeddings import warm_query_encoder  # noqa: E402
 
-embed_query("warm-up")  # loads the encoder (and its bfloat16 copy) now, not in the first search
+# Loads the encoder (and its bfloat16 copy) and builds its kernels for every query length now,
+# not in the first searches of each worker.
+warm_query_encoder()
 # Everything loaded so far lives as long as the process: the collector need not walk it again,
 # and (preloaded) its pages stay shared with the workers instead of being touched by every collection.
 gc.freeze()

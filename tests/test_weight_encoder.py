@@ -394,6 +394,29 @@ def test_packed_linear_matches_plain_linear(monkeypatch):
         torch.testing.assert_close(linear(x, residual=residual), expected + residual)
 
 
+def test_query_lengths_share_a_few_warmed_shapes(monkeypatch):
+    """oneDNN builds and keeps kernels per input shape: queries are padded to SEQUENCE_BUCKET tokens, so
+    queries of 1–42 tokens run on at most six shapes, all of which warm_query_path has built."""
+    from generation import text_encoder
+
+    rows_seen: set[int] = set()
+    linear_call = text_encoder.Linear.__call__
+
+    def recording_call(self, x, **kwargs):
+        rows_seen.add(int(x.shape[0]))
+        return linear_call(self, x, **kwargs)
+
+    monkeypatch.setattr(text_encoder.Linear, "__call__", recording_call)
+    for words in range(41):
+        text_encoder.embed_query("word " * words, "float32")
+    queried = set(rows_seen)
+    assert queried and all(rows % text_encoder.SEQUENCE_BUCKET == 0 for rows in queried), queried
+    assert len(queried) <= 6, queried
+    rows_seen.clear()
+    assert text_encoder.warm_query_path("float32") == 256 // text_encoder.SEQUENCE_BUCKET
+    assert queried <= rows_seen
+
+
 def test_bfloat16_queries_land_where_float32_ones_do():
     """Search queries may run the layers in bfloat16 (text_encoder.embed_query): each vector stays
     within cosine 0.9995 of the float32 one (0.99996 on average over search queries), and ranks stored

@@ -50,6 +50,12 @@ def embed_query(query: str) -> list[float]:
     return _query_vector(query, settings.QUIVER_QUERY_PRECISION).tolist()
 
 
+def warm_query_encoder() -> None:
+    """Load the query encoder and build its kernels for every query length before serving
+    (generation.text_encoder.warm_query_path says why)."""
+    text_encoder.warm_query_path(settings.QUIVER_QUERY_PRECISION)
+
+
 # A user who narrows a search by base model, format, tag or license repeats its words: the
 # vector is kept (per web process, 1.5 KB each, ~1.5 MB in all) instead of running the encoder
 # again (~8 ms of a search's CPU). The encoder is deterministic, so a kept vector is the same.
