@@ -457,7 +457,7 @@ def stage_timings(queries: list[str]) -> dict:
 
     from api.serializers import SearchHitSerializer
     from hub.ranking import fuse
-    from hub.search import RANKINGS, SearchHit, ranking_rows
+    from hub.search import RANKINGS, SearchHit, rankings_statement
     from hub.selectors import adapters_for_listing, visible_adapters
     from hub.services.embeddings import _query_vector, embed_query
 
@@ -476,7 +476,7 @@ def stage_timings(queries: list[str]) -> dict:
     for query in queries:
         _query_vector.cache_clear()  # these queries were embedded for the recall figures: time the encoder
         vector = timed("embed", lambda: embed_query(query))
-        rows = timed("rankings_sql", lambda: ranking_rows(None, query, vector, limit=40, modes=RANKINGS))
+        rows = timed("rankings_sql", lambda: rankings_statement(None, limit=40, modes=RANKINGS).rows(query, vector))
         rankings: dict[str, list[tuple[int, float]]] = {}
         for ranking, adapter_id, value in rows:
             rankings.setdefault(ranking, []).append((adapter_id, value))

@@ -12,25 +12,19 @@ Fusion is reciprocal-rank fusion (hub.ranking.fuse): score = Σ 1/(60 + rank),
 which needs no calibration between cosine similarities and text ranks and lets an
 adapter with no description be found through its weights alone.
 
-A search is a fixed number of SQL statements whatever k is: the rankings, then the fused
-adapters with everything their listing shows. The description and keyword rankings are one
-UNION ALL statement; the weights ranking (the active trained encoder looked up inside it) is a
-second, run at the same time on a second connection from a helper thread, so the two HNSW scans
-(≈ 3–5 ms each at 100 000 adapters) overlap on two cores instead of adding up
-(`QUIVER_SEARCH_PARALLEL_SCANS`, on by default: a web process then holds two connections).
+A search is two SQL statements whatever k is: the three rankings UNION ALL'd into one
+(the active trained encoder is looked up inside it), then the fused adapters with
+everything their listing shows. Round trips, not the scans, were most of the SQL time.
 The rankings statement is compiled by the ORM once per search shape (RankingsStatement);
 later searches of that shape only fill in their words and vector.
 """
 from __future__ import annotations
 
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from django.contrib.postgres.search import SearchQuery, SearchRank
-from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, connections
+from django.db import connection
 from django.db.models import CharField, F, QuerySet, Value
 from django.db.models.expressions import RawSQL
 from pgvector import Vector
@@ -174,68 +168,13 @@ def rankings_statement(user, *, limit: int, modes: tuple[str, ...], **filters) -
     return statement
 
 
-# The rankings that run on the second connection, beside the others (see the module docstring).
-SIDE_RANKINGS = ("weights",)
-# Helper threads (each with its connection) per process: one per search a threaded web process
-# may serve at once; a sync worker (one request at a time, as deployed) only ever starts one.
-SIDE_THREADS = 4
-_side_pools: dict[int, ThreadPoolExecutor] = {}
-_side_pools_lock = threading.Lock()
-
-
-def _side_pool() -> ThreadPoolExecutor:
-    """This process's helper threads (made on first use: never inherited across gunicorn's fork)."""
-    with _side_pools_lock:
-        pool = _side_pools.get(os.getpid())
-        if pool is None:
-            pool = _side_pools[os.getpid()] = ThreadPoolExecutor(max_workers=SIDE_THREADS,
-                                                                 thread_name_prefix="quiver-search")
-        return pool
-
-
-_side_connections: set = set()  # the helper threads' DatabaseWrappers (Django's connections are per thread)
-
-
-def _rows_on_side_connection(statement: RankingsStatement, query: str, vector) -> list[tuple[str, int, float]]:
-    close_old_connections()  # as each request does: a connection that failed or aged out is replaced
-    _side_connections.add(connections[DEFAULT_DB_ALIAS])
-    return statement.rows(query, vector)
-
-
-def close_side_connections() -> None:
-    """Stop the helper threads and close their database connections (tests call it before the test
-    database is dropped); a later search starts new ones."""
-    with _side_pools_lock:
-        pool = _side_pools.pop(os.getpid(), None)
-    if pool is not None:
-        pool.shutdown(wait=True)
-    while _side_connections:
-        wrapper = _side_connections.pop()
-        wrapper.inc_thread_sharing()  # closed from this thread: its own has exited
-        try:
-            wrapper.close()
-        finally:
-            wrapper.dec_thread_sharing()
-
-
-def ranking_rows(user, query: str, vector, *, limit: int, modes: tuple[str, ...], **filters) -> list[tuple[str, int, float]]:
-    """(ranking, id, value) rows of every ranking in `modes`, each ranking's best first."""
-    side = tuple(mode for mode in modes if mode in SIDE_RANKINGS)
-    main = tuple(mode for mode in modes if mode not in SIDE_RANKINGS)
-    if not (side and main and settings.QUIVER_SEARCH_PARALLEL_SCANS):
-        return rankings_statement(user, limit=limit, modes=modes, **filters).rows(query, vector)
-    side_rows = _side_pool().submit(_rows_on_side_connection, rankings_statement(user, limit=limit, modes=side, **filters),
-                                    query, vector)
-    rows = rankings_statement(user, limit=limit, modes=main, **filters).rows(query, vector)
-    return rows + side_rows.result()
-
-
 def search_adapters(user, query: str, *, k: int = 10, base_model=None, format=None, tag=None, license=None,
                     modes: tuple[str, ...] = RANKINGS) -> list[SearchHit]:
+    statement = rankings_statement(user, limit=max(4 * k, 40), modes=tuple(modes),
+                                   base_model=base_model, format=format, tag=tag, license=license)
     vector = embed_query(query)
     rankings: dict[str, list[tuple[int, float]]] = {mode: [] for mode in RANKINGS if mode in modes}
-    for ranking, adapter_id, value in ranking_rows(user, query, vector, limit=max(4 * k, 40), modes=tuple(modes),
-                                                   base_model=base_model, format=format, tag=tag, license=license):
+    for ranking, adapter_id, value in statement.rows(query, vector):
         # Cosine distance for the vector rankings, text rank for keywords; rows of each come best first.
         rankings[ranking].append((adapter_id, value if ranking == "keywords" else 1.0 - value))
     fused = fuse({name: ranking for name, ranking in rankings.items() if ranking}, k)

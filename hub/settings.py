@@ -171,9 +171,6 @@ QUIVER_NEAR_DUPLICATE_SIMILARITY = float(os.environ.get("QUIVER_NEAR_DUPLICATE_S
 # 150 keeps the goal of 0.98 with a margin; recall falls as N grows at a fixed ef_search, so
 # re-measure (benchmarks/search.py --n) and raise it.
 QUIVER_HNSW_EF_SEARCH = int(os.environ.get("QUIVER_HNSW_EF_SEARCH", 150))
-# Run a search's weights ranking on a second connection while the first runs the others (hub/search.py).
-# Off ("0") halves the web processes' database connections, for a server short of them.
-QUIVER_SEARCH_PARALLEL_SCANS = os.environ.get("QUIVER_SEARCH_PARALLEL_SCANS", "1") != "0"
 # Precision of the query encoder's transformer layers: auto (bfloat16 where the CPU has native
 # bfloat16 dot products), bfloat16 or float32 (generation/text_encoder.py says why and what it costs).
 QUIVER_QUERY_PRECISION = os.environ.get("QUIVER_QUERY_PRECISION", "auto")

@@ -123,17 +123,6 @@ SESSION_WORKER = f"test-{os.getpid()}"
 
 
 @pytest.fixture(scope="session")
-def django_db_setup(django_db_setup):
-    """pytest-django's test database, whose teardown first closes the connection of the search's
-    helper thread (hub.search runs the weights ranking on it): PostgreSQL refuses to drop a
-    database that a connection still uses."""
-    yield
-    from hub import search
-
-    search.close_side_connections()
-
-
-@pytest.fixture(scope="session")
 def session_worker(django_db_setup, django_db_blocker):
     """A real `celery worker` process on the test database, consuming every queue."""
     from workers import app

@@ -135,21 +135,6 @@ def test_training_the_weight_encoder_improves_recall_and_reembeds_everything(reg
     # With a trained encoder, text queries also rank adapters by their weights.
     hits = client.get("/api/v1/search", {"q": "write SQL queries from questions", "k": 3}).json()["results"]
     assert hits[0]["adapter"]["name"] == "sql-from-questions" and "weights" in hits[0]["matched"]
-    # The weights ranking ran on the second connection (QUIVER_SEARCH_PARALLEL_SCANS): the same rows
-    # as the one statement of all three rankings, and the same hits as with the setting off.
-    from django.test import override_settings
-
-    from hub import search
-    from hub.services.embeddings import embed_query
-
-    for query in ("write SQL queries from questions", "summarise support tickets", "watercolor style"):
-        vector = embed_query(query)
-        rows = search.ranking_rows(None, query, vector, limit=40, modes=search.RANKINGS)
-        assert any(ranking == "weights" for ranking, _, _ in rows)
-        assert sorted(rows) == sorted(search.rankings_statement(None, limit=40, modes=search.RANKINGS).rows(query, vector))
-        parallel = client.get("/api/v1/search", {"q": query, "k": 5}).json()
-        with override_settings(QUIVER_SEARCH_PARALLEL_SCANS=False):
-            assert client.get("/api/v1/search", {"q": query, "k": 5}).json() == parallel
 
 
 def test_a_search_makes_the_same_few_sql_queries_whatever_k(registry, make_user, client_for, client):
