@@ -21,8 +21,8 @@ read once and 1 000 HNSW scans of other queries (the embedded server's buffer po
 graph; hub/embedded.py sizes it), as a PostgreSQL restarted a second ago is not what users meet.
 Prints JSON lines, first the headline:
 {"bench": "search", "n", "p50_ms", "p95_ms", "recall_at_10", "exact_p95_ms"}
-then one "search_rest" line per REST pass, then details (with the web workers' and PostgreSQL's CPU per search, which other load on a shared
-machine disturbs less than wall time), an ef_search sweep, a per-stage breakdown, and a check of
+then one "search_rest" line per REST pass (with the web workers' and PostgreSQL's CPU per search,
+which other load on a shared machine disturbs less than wall time), details, an ef_search sweep, a per-stage breakdown, and a check of
 the query encoder's precision (stored task descriptions, phrased as searches, must find
 themselves among all TASK_COUNT as often with the app's query vectors as with float32 ones).
 Goals: p95 ≤ 25 ms, recall@10 ≥ 0.98.

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 TEXT_ENCODER_ID = "all-MiniLM-L6-v2"
 TEXT_DIM = 384
 BATCH_SIZE = 32  # as SentenceTransformer.encode: texts sorted by length, so a batch pads little
-SEQUENCE_BUCKET = 8  # sequences padded to a multiple of this many tokens (see token_buckets)
+SEQUENCE_BUCKET = 8  # sequences padded to a multiple of this many tokens (see warm_query_path)
 
 _lock = threading.Lock()
 
