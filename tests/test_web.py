@@ -111,6 +111,8 @@ def test_search_then_adapter_page_with_its_plots_without_javascript(registry, pa
     assert page.get_by_role("heading", level=1).inner_text().startswith("quiver-demo/ticket-summarizer")
     spectrum = page.get_by_role("img", name=re.compile("Singular-value spectrum"))
     norms = page.get_by_role("img", name=re.compile("size of the weight update"))
+    # The click returns once the new page commits; its images finish (or fail) before "load".
+    page.wait_for_load_state("load")
     for image in (spectrum, norms):  # the SVG was served and decoded by the browser
         assert image.evaluate("img => img.complete && img.naturalWidth > 0")
     assert page.get_by_text("Provenance").count() == 0  # an uploaded adapter has none
