@@ -9,11 +9,11 @@ descriptions, then measures in the same run:
          trained weight encoder (description and keyword rankings) and one with it (the weights
          ranking too, a second HNSW scan: the stored weight vectors are labelled with a stand-in
          EncoderArtifact that the benchmark turns on). The headline is the second, whole search;
-  recall HNSW top-10 with the app's session settings and the app's query vectors (bfloat16
+  recall HNSW top-10 at the app's breadth for each ranking (hub.search.hnsw_ef_search), with the app's query vectors (bfloat16
          layers where the CPU has them, hub.services.embeddings.embed_query) against an exact
          scan (index scans off) with the same vectors, both limited to public adapters as for
          an anonymous user, for each vector ranking (the headline: the lower of the two); the
-         exact description scan's p95 is the baseline it replaces. Details add the
+         exact description scan's p95 is the baseline it replaces. Details add each ranking's
          ef_search sweep with float32 query vectors, and how much of the float32 exact top-10
          the app's vectors find (bfloat16 moves near-ties).
 Before measuring, the server is brought to the state of a hub that has been serving: the table
@@ -324,14 +324,15 @@ def serving_processes() -> tuple[list[int], list[int]]:
     return workers, backends
 
 
-def nearest_ids(vector: list[float], *, exact: bool, limit: int = 10,
-                ranking: str = "description") -> tuple[list[int], float, bool]:
+def nearest_ids(vector: list[float], *, exact: bool, limit: int = 10, ranking: str = "description",
+                ef_search: int | None = None) -> tuple[list[int], float, bool]:
     """The app's description (or weights) ranking for an anonymous user (hub.search._nearest, same
-    scope and session settings); exact=True forbids index scans. Also says whether PostgreSQL scanned
-    the HNSW index: the planner may prefer a sequential scan, and recall must not hide that."""
+    scope, at the HNSW breadth the app's search gives that ranking unless `ef_search` says another);
+    exact=True forbids index scans. Also says whether PostgreSQL scanned the HNSW index: the
+    planner may prefer a sequential scan, and recall must not hide that."""
     from django.db import connection, transaction
 
-    from hub.search import _nearest
+    from hub.search import _nearest, hnsw_ef_search
     from hub.selectors import adapter_list
     from hub.services.embeddings import TEXT_ENCODER_LABEL
 
@@ -348,6 +349,7 @@ def nearest_ids(vector: list[float], *, exact: bool, limit: int = 10,
         return cursor.fetchone()[0]
 
     with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL hnsw.ef_search = %s", [ef_search or hnsw_ef_search((ranking,))])
         if exact:
             cursor.execute("SET LOCAL enable_indexscan = off")
         scans_before = hnsw_scans(cursor)
@@ -381,35 +383,31 @@ def warm_buffer_pool(tasks: list[str], seed: int, count: int = WARM_SEARCHES) ->
             "warm_first_tenth_sql_p50_ms": ms(seconds[:tenth], 50), "warm_last_tenth_sql_p50_ms": ms(seconds[-tenth:], 50)}
 
 
-def set_ef_search(value: int) -> None:
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("SET hnsw.ef_search = %s", [value])
-
-
 def recall(found: list[tuple], truth: list[tuple]) -> float:
     """Mean share of each exact top-10 that the HNSW top-10 found (rows of nearest_ids)."""
     return round(float(np.mean([len(set(ids) & set(exact)) / len(exact) for (ids, _, _), (exact, _, _) in
                                 zip(found, truth)])), 4)
 
 
-def recall_sweep(vectors: list[list[float]], app_vectors: list[list[float]],
-                 default_ef: int) -> tuple[dict, dict[int, dict]]:
-    """Exact top-10 once, then HNSW top-10 at each ef_search: recall@10 and SQL-level latency
-    (float32 query vectors). Then the app's query vectors: HNSW against an exact scan with the
-    same vectors (the index's recall, the headline), and the app's HNSW and exact top-10 against
-    the float32 exact top-10 (what the query precision changes, among near-ties)."""
-    exact = [nearest_ids(vector, exact=True) for vector in vectors]
-    exact_stats = {"exact_p50_ms": ms([s for _, s, _ in exact], 50), "exact_p95_ms": ms([s for _, s, _ in exact], 95)}
+def recall_sweep(vectors: list[list[float]], app_vectors: list[list[float]]) -> tuple[dict, dict[tuple, dict]]:
+    """For each vector ranking, exact top-10 once, then HNSW top-10 at each ef_search: recall@10
+    and SQL-level latency (float32 query vectors), keyed by (ranking, ef_search). Then the app's
+    query vectors at the app's breadths: HNSW against an exact scan with the same vectors (the
+    index's recall, the headline), and the app's HNSW and exact top-10 against the float32 exact
+    top-10 (what the query precision changes, among near-ties)."""
+    from hub.search import hnsw_ef_search
+
     sweep = {}
-    for ef in sorted({*EF_SWEEP, default_ef}):
-        set_ef_search(ef)
-        hnsw = [nearest_ids(vector, exact=False) for vector in vectors]
-        sweep[ef] = {"recall_at_10": recall(hnsw, exact), "hnsw_p50_ms": ms([s for _, s, _ in hnsw], 50),
-                     "hnsw_p95_ms": ms([s for _, s, _ in hnsw], 95),
-                     "hnsw_plan_share": round(float(np.mean([used for _, _, used in hnsw])), 3)}
-    set_ef_search(default_ef)
+    for ranking in ("description", "weights"):
+        truth = [nearest_ids(vector, exact=True, ranking=ranking) for vector in vectors]
+        if ranking == "description":
+            exact = truth
+        for ef in sorted({*EF_SWEEP, hnsw_ef_search((ranking,))}):
+            hnsw = [nearest_ids(vector, exact=False, ranking=ranking, ef_search=ef) for vector in vectors]
+            sweep[ranking, ef] = {"recall_at_10": recall(hnsw, truth), "hnsw_p50_ms": ms([s for _, s, _ in hnsw], 50),
+                                  "hnsw_p95_ms": ms([s for _, s, _ in hnsw], 95),
+                                  "hnsw_plan_share": round(float(np.mean([used for _, _, used in hnsw])), 3)}
+    exact_stats = {"exact_p50_ms": ms([s for _, s, _ in exact], 50), "exact_p95_ms": ms([s for _, s, _ in exact], 95)}
     app_exact = [nearest_ids(vector, exact=True) for vector in app_vectors]
     app_hnsw = [nearest_ids(vector, exact=False) for vector in app_vectors]
     exact_stats.update(app_query_recall_at_10=recall(app_hnsw, app_exact),
@@ -540,9 +538,13 @@ def main() -> None:
         finally:
             set_weights_ranking(False)  # the later stages measure the hub without a trained encoder
     full = passes["description+weights+keywords"]
-    default_ef = int(settings.QUIVER_HNSW_EF_SEARCH)
-    exact_stats, sweep = recall_sweep(vectors, app_vectors, default_ef)
-    stages = stage_timings(measured[:BREAKDOWN_QUERIES])
+    default_ef, weights_ef = int(settings.QUIVER_HNSW_EF_SEARCH), int(settings.QUIVER_HNSW_WEIGHTS_EF_SEARCH)
+    exact_stats, sweep = recall_sweep(vectors, app_vectors)
+    set_weights_ranking(True)  # the stages of the whole search, as the headline measures it
+    try:
+        stages = stage_timings(measured[:BREAKDOWN_QUERIES])
+    finally:
+        set_weights_ranking(False)
     precision_check = query_precision_check(tasks, args.seed + 2)
 
     from django.db import connection
@@ -560,15 +562,18 @@ def main() -> None:
     for rankings, figures in passes.items():
         print(json.dumps({"bench": "search_rest", "rankings": rankings, "queries": QUERIES, **figures}))
     print(json.dumps({
-        "bench": "search_detail", "ef_search": default_ef, "hnsw_sql_p50_ms": sweep[default_ef]["hnsw_p50_ms"],
-        "hnsw_sql_p95_ms": sweep[default_ef]["hnsw_p95_ms"], "float32_query_recall_at_10":
-        sweep[default_ef]["recall_at_10"], "query_dtype": str(query_dtype(settings.QUIVER_QUERY_PRECISION)), **exact_stats,
+        "bench": "search_detail", "ef_search": default_ef, "weights_ef_search": weights_ef,
+        "hnsw_sql_p50_ms": sweep["description", default_ef]["hnsw_p50_ms"],
+        "hnsw_sql_p95_ms": sweep["description", default_ef]["hnsw_p95_ms"],
+        "weights_hnsw_sql_p50_ms": sweep["weights", weights_ef]["hnsw_p50_ms"],
+        "weights_hnsw_sql_p95_ms": sweep["weights", weights_ef]["hnsw_p95_ms"],
+        "float32_query_recall_at_10": sweep["description", default_ef]["recall_at_10"], "query_dtype": str(query_dtype(settings.QUIVER_QUERY_PRECISION)), **exact_stats,
         "index_build_s": data["index_build_s"], "index_build_reused": data["reused"],
         "copy_s": data["copy_s"], "task_embed_s": data["task_embed_s"], "public_rows": public,
         "tasks": TASK_COUNT, "rest_queries": len(measured), "recall_queries": len(vectors),
         "gunicorn": "2 workers x 1 thread", "cores": os.cpu_count(), "loadavg_1m_before_rest": round(load_before, 2), "shared_buffers": shared_buffers, **warm}))
-    for ef, stats in sweep.items():
-        print(json.dumps({"bench": "search_ef_search", "ef_search": ef, **stats}))
+    for (ranking, ef), stats in sweep.items():
+        print(json.dumps({"bench": "search_ef_search", "ranking": ranking, "ef_search": ef, **stats}))
     print(json.dumps({"bench": "search_stages", "queries": BREAKDOWN_QUERIES, **stages}))
     print(json.dumps({"bench": "search_query_precision", "query_dtype": str(query_dtype(settings.QUIVER_QUERY_PRECISION)),
                       **precision_check}))

@@ -12,17 +12,22 @@ Fusion is reciprocal-rank fusion (hub.ranking.fuse): score = Σ 1/(60 + rank),
 which needs no calibration between cosine similarities and text ranks and lets an
 adapter with no description be found through its weights alone.
 
-A search is two SQL statements whatever k is: the three rankings UNION ALL'd into one
-(the active trained encoder is looked up inside it), then the fused adapters with
+A search is two round trips whatever k is: the rankings, then the fused adapters with
 everything their listing shows. Round trips, not the scans, were most of the SQL time.
-The rankings statement is compiled by the ORM once per search shape (RankingsStatement);
-later searches of that shape only fill in their words and vector.
+The rankings travel as one multi-statement query (RankingsStatements): the weights ranking
+(the active trained encoder is looked up inside it) and the description and keyword rankings
+UNION ALL'd, each statement after a SET LOCAL of its HNSW breadth (hnsw.ef_search): the two
+graphs reach the recall goal at different breadths (hub/settings.py), and the weight scan at
+the description's breadth cost a third of the search's time. Each statement is compiled by the
+ORM once per search shape (RankingsStatement); later searches of that shape only fill in their
+words and vector.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
 
+from django.conf import settings
 from django.contrib.postgres.search import SearchQuery, SearchRank
 from django.db import connection
 from django.db.models import CharField, F, QuerySet, Value
@@ -102,8 +107,21 @@ def rankings_query(scope: QuerySet, query: str, vector, limit: int, modes=RANKIN
     return parts[0].union(*parts[1:], all=True) if len(parts) > 1 else parts[0]
 
 
+def ranking_groups(modes: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The rankings as statements: the weights ranking alone (its scan runs at its own breadth),
+    then the others together (last: their breadth is the session's, which then stays set)."""
+    weights = tuple(mode for mode in modes if mode == "weights")
+    others = tuple(mode for mode in modes if mode != "weights")
+    return [group for group in (weights, others) if group]
+
+
+def hnsw_ef_search(modes: tuple[str, ...]) -> int:
+    """The HNSW breadth (hnsw.ef_search) of a statement of these rankings."""
+    return settings.QUIVER_HNSW_WEIGHTS_EF_SEARCH if modes == ("weights",) else settings.QUIVER_HNSW_EF_SEARCH
+
+
 class RankingsStatement:
-    """The rankings statement of one search shape, compiled by the ORM once: its SQL and its
+    """A rankings statement of one search shape, compiled by the ORM once: its SQL and its
     parameters, with the slots that the query's words and vector fill. Building and compiling
     the three-part statement costs ≈ 2 ms of the web's CPU per search, as much as PostgreSQL
     takes to run it; the shape (who searches, which filters, how many candidates) repeats, so
@@ -116,6 +134,7 @@ class RankingsStatement:
     VECTOR_STAND_INS = ([0.5] * TEXT_DIM, [0.25] * TEXT_DIM)
 
     def __init__(self, scope: QuerySet, limit: int, modes: tuple[str, ...]):
+        self.modes, self.ef_search = modes, hnsw_ef_search(modes)
         compiled = [rankings_query(scope, query, vector, limit, modes).query.sql_with_params()
                     for query, vector in zip(self.QUERY_STAND_INS, self.VECTOR_STAND_INS)]
         (self.sql, first), (second_sql, second) = compiled
@@ -141,26 +160,50 @@ class RankingsStatement:
             params[i] = vector_text
         return params
 
+
+
+class RankingsStatements:
+    """The rankings statements of one search shape (ranking_groups), sent as one query string, each
+    after `SET LOCAL hnsw.ef_search`: one round trip. Sent outside a transaction, the statements of
+    a multi-statement query run as one implicit transaction, which the SET LOCALs end with; inside
+    one (an atomic block), the last SET LOCAL leaves the session's breadth (hub/db.py) set. This relies on Django's
+    default client-side parameter binding (psycopg's ClientCursor): server-side binding would
+    refuse several statements in one query."""
+
+    def __init__(self, scope: QuerySet, limit: int, modes: tuple[str, ...]):
+        self.statements = [RankingsStatement(scope, limit, group) for group in ranking_groups(modes)]
+        parts = [f"SET LOCAL hnsw.ef_search = {int(statement.ef_search)}; {statement.sql}" for statement in self.statements]
+        if self.statements[-1].ef_search != settings.QUIVER_HNSW_EF_SEARCH:
+            parts.append(f"SET LOCAL hnsw.ef_search = {int(settings.QUIVER_HNSW_EF_SEARCH)}")
+        self.sql = "; ".join(parts)
+
     def rows(self, query: str, vector) -> list[tuple[str, int, float]]:
-        """(ranking, id, value) rows, as `rankings_query(...)` would return them."""
+        """(ranking, id, value) rows of each statement in turn, as `rankings_query(...)` of its
+        rankings would return them."""
+        params = [param for statement in self.statements for param in statement.params_for(query, vector)]
+        rows = []
         with connection.cursor() as cursor:
-            cursor.execute(self.sql, self.params_for(query, vector))
-            return cursor.fetchall()
+            cursor.execute(self.sql, params)
+            while True:
+                if cursor.description is not None:  # a SELECT's result, not a SET's
+                    rows.extend(cursor.fetchall())
+                if not cursor.nextset():
+                    return rows
 
 
 # Compiled statements by shape, per process. Shapes are few (each filter combination, and one
 # visibility scope per signed-in user); past the bound the dictionary starts again rather than
 # growing with the user count.
 RANKINGS_STATEMENTS_KEPT = 1024
-_rankings_statements: dict[tuple, RankingsStatement] = {}
+_rankings_statements: dict[tuple, RankingsStatements] = {}
 _rankings_statements_lock = threading.Lock()
 
 
-def rankings_statement(user, *, limit: int, modes: tuple[str, ...], **filters) -> RankingsStatement:
+def rankings_statement(user, *, limit: int, modes: tuple[str, ...], **filters) -> RankingsStatements:
     key = (visibility_scope(user), limit, modes, tuple(sorted(filters.items())))
     statement = _rankings_statements.get(key)
     if statement is None:
-        statement = RankingsStatement(adapter_list(user, **filters).order_by(), limit, modes)
+        statement = RankingsStatements(adapter_list(user, **filters).order_by(), limit, modes)
         with _rankings_statements_lock:
             if len(_rankings_statements) >= RANKINGS_STATEMENTS_KEPT:
                 _rankings_statements.clear()

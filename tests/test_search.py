@@ -166,26 +166,47 @@ def test_a_search_makes_the_same_few_sql_queries_whatever_k(registry, make_user,
     assert counts[2] == counts[5] == counts[20] <= 5, counts
 
 
-def test_search_statements_are_compiled_once_per_shape_and_equal_the_orms(registry, make_user):
-    """A kept rankings statement, its words and vector put in, is exactly the statement the ORM
+def test_search_statements_are_compiled_once_per_shape_and_equal_the_orms(registry, make_user, settings):
+    """Kept rankings statements, their words and vector put in, are exactly the statements the ORM
     compiles for that search: for anonymous, signed-in and staff users, with and without filters.
-    Users who see the same adapters share one; a user who sees their own private ones does not."""
+    Users who see the same adapters share them; a user who sees their own private ones does not.
+    Each runs at its ranking's HNSW breadth, and the session's is the one set afterwards, in a
+    transaction or not."""
+    from django.db import connection, transaction
+
     from hub.search import RANKINGS, rankings_query, rankings_statement
     from hub.selectors import adapter_list
     from hub.services.embeddings import embed_query
+
+    def session_ef_search() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT current_setting('hnsw.ef_search')::int")
+            return cursor.fetchone()[0]
 
     alice, bob, staff = make_user("alice"), make_user("bob"), make_user("root", is_staff=True)
     shapes = [(None, {}), (alice, {}), (staff, {}),
               (None, {"base_model": "quiver-demo/tiny-clip-text", "format": "kohya", "tag": "style", "license": "mit"})]
     for query in ("watercolor style for images", "summarise support tickets"):
         vector = embed_query(query)
-        for (user, filters), modes in [*((shape, RANKINGS) for shape in shapes),
-                                       ((None, {}), ("keywords",)), ((None, {}), ("description",))]:
-            statement = rankings_statement(user, limit=40, modes=modes, **filters)
-            orm = rankings_query(adapter_list(user, **filters).order_by(), query, vector, 40, modes)
-            sql, params = orm.query.sql_with_params()
-            assert (statement.sql, statement.params_for(query, vector)) == (sql, list(params))
-            assert statement.rows(query, vector) == [tuple(row) for row in orm]
+        for (user, filters), modes in [*((shape, RANKINGS) for shape in shapes), ((None, {}), ("keywords",)),
+                                       ((None, {}), ("description",)), ((None, {}), ("weights",))]:
+            kept = rankings_statement(user, limit=40, modes=modes, **filters)
+            expected_rows = []
+            for statement in kept.statements:
+                orm = rankings_query(adapter_list(user, **filters).order_by(), query, vector, 40, statement.modes)
+                sql, params = orm.query.sql_with_params()
+                assert (statement.sql, statement.params_for(query, vector)) == (sql, list(params))
+                assert f"SET LOCAL hnsw.ef_search = {statement.ef_search}; {statement.sql}" in kept.sql
+                expected_rows += [tuple(row) for row in orm]
+            assert [statement.modes for statement in kept.statements] == (
+                [("weights",), ("description", "keywords")] if modes == RANKINGS else [modes])
+            assert kept.rows(query, vector) == expected_rows
+            assert session_ef_search() == settings.QUIVER_HNSW_EF_SEARCH
+            with transaction.atomic():  # SET LOCALs last until the transaction's end: the last one restores
+                kept.rows(query, vector)
+                assert session_ef_search() == settings.QUIVER_HNSW_EF_SEARCH
+    assert [statement.ef_search for statement in rankings_statement(None, limit=40, modes=RANKINGS).statements] == [
+        settings.QUIVER_HNSW_WEIGHTS_EF_SEARCH, settings.QUIVER_HNSW_EF_SEARCH]
     assert rankings_statement(None, limit=40, modes=RANKINGS) is rankings_statement(None, limit=40, modes=RANKINGS)
     assert rankings_statement(alice, limit=40, modes=RANKINGS) is not rankings_statement(bob, limit=40, modes=RANKINGS)
     assert rankings_statement(alice, limit=40, modes=RANKINGS).sql == rankings_statement(bob, limit=40, modes=RANKINGS).sql
