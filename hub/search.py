@@ -152,10 +152,13 @@ class RankingsStatement:
             raise RuntimeError("the rankings statement's SQL depends on more than its words and vector")
 
     def params_for(self, query: str, vector) -> list:
+        return self.params_with(query, Vector(vector).to_text())
+
+    def params_with(self, query: str, vector_text: str) -> list:
+        """The parameters with the words and the vector (as pgvector's text, ≈ 0.1 ms to write) put in."""
         params = list(self.params)
         for i in self.query_slots:
             params[i] = query
-        vector_text = Vector(vector).to_text()
         for i in self.vector_slots:
             params[i] = vector_text
         return params
@@ -180,7 +183,8 @@ class RankingsStatements:
     def rows(self, query: str, vector) -> list[tuple[str, int, float]]:
         """(ranking, id, value) rows of each statement in turn, as `rankings_query(...)` of its
         rankings would return them."""
-        params = [param for statement in self.statements for param in statement.params_for(query, vector)]
+        vector_text = Vector(vector).to_text()
+        params = [param for statement in self.statements for param in statement.params_with(query, vector_text)]
         rows = []
         with connection.cursor() as cursor:
             cursor.execute(self.sql, params)
