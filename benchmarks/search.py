@@ -9,8 +9,9 @@ descriptions, then measures in the same run:
          trained weight encoder (description and keyword rankings) and one with it (the weights
          ranking too, a second HNSW scan: the stored weight vectors are labelled with a stand-in
          EncoderArtifact that the benchmark turns on). The headline is the second, whole search;
-  recall HNSW top-10 at the app's breadth for each ranking (hub.search.hnsw_ef_search), with the app's query vectors (bfloat16
-         layers where the CPU has them, hub.services.embeddings.embed_query) against an exact
+  recall HNSW top-10 at the app's breadth for each ranking (hub.search.hnsw_ef_search), with
+         the app's query vectors (bfloat16 layers where the CPU has them,
+         hub.services.embeddings.embed_query) against an exact
          scan (index scans off) with the same vectors, both limited to public adapters as for
          an anonymous user, for each vector ranking (the headline: the lower of the two); the
          exact description scan's p95 is the baseline it replaces. Details add each ranking's
@@ -567,7 +568,8 @@ def main() -> None:
         "hnsw_sql_p95_ms": sweep["description", default_ef]["hnsw_p95_ms"],
         "weights_hnsw_sql_p50_ms": sweep["weights", weights_ef]["hnsw_p50_ms"],
         "weights_hnsw_sql_p95_ms": sweep["weights", weights_ef]["hnsw_p95_ms"],
-        "float32_query_recall_at_10": sweep["description", default_ef]["recall_at_10"], "query_dtype": str(query_dtype(settings.QUIVER_QUERY_PRECISION)), **exact_stats,
+        "float32_query_recall_at_10": sweep["description", default_ef]["recall_at_10"],
+        "query_dtype": str(query_dtype(settings.QUIVER_QUERY_PRECISION)), **exact_stats,
         "index_build_s": data["index_build_s"], "index_build_reused": data["reused"],
         "copy_s": data["copy_s"], "task_embed_s": data["task_embed_s"], "public_rows": public,
         "tasks": TASK_COUNT, "rest_queries": len(measured), "recall_queries": len(vectors),

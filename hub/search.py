@@ -164,18 +164,18 @@ class RankingsStatement:
         return params
 
 
-
 class RankingsStatements:
     """The rankings statements of one search shape (ranking_groups), sent as one query string, each
-    after `SET LOCAL hnsw.ef_search`: one round trip. Sent outside a transaction, the statements of
-    a multi-statement query run as one implicit transaction, which the SET LOCALs end with; inside
-    one (an atomic block), the last SET LOCAL leaves the session's breadth (hub/db.py) set. This relies on Django's
-    default client-side parameter binding (psycopg's ClientCursor): server-side binding would
-    refuse several statements in one query."""
+    after `SET LOCAL hnsw.ef_search`: one round trip. Sent outside a transaction, the statements
+    of a multi-statement query run as one implicit transaction, which the SET LOCALs end with;
+    inside one (an atomic block), the last SET LOCAL leaves the session's breadth (hub/db.py)
+    set. This relies on Django's default client-side parameter binding (psycopg's ClientCursor):
+    server-side binding would refuse several statements in one query."""
 
     def __init__(self, scope: QuerySet, limit: int, modes: tuple[str, ...]):
         self.statements = [RankingsStatement(scope, limit, group) for group in ranking_groups(modes)]
-        parts = [f"SET LOCAL hnsw.ef_search = {int(statement.ef_search)}; {statement.sql}" for statement in self.statements]
+        parts = [f"SET LOCAL hnsw.ef_search = {int(statement.ef_search)}; {statement.sql}"
+                 for statement in self.statements]
         if self.statements[-1].ef_search != settings.QUIVER_HNSW_EF_SEARCH:
             parts.append(f"SET LOCAL hnsw.ef_search = {int(settings.QUIVER_HNSW_EF_SEARCH)}")
         self.sql = "; ".join(parts)
