@@ -165,17 +165,27 @@ QUIVER_MAX_HEADER_BYTES = int(os.environ.get("QUIVER_MAX_HEADER_BYTES", 100 * 2*
 QUIVER_ORPHAN_GRACE_SECONDS = int(os.environ.get("QUIVER_ORPHAN_GRACE_SECONDS", 6 * 3600))
 # Weight-embedding cosine similarity at and above which an upload is flagged as a near-duplicate.
 QUIVER_NEAR_DUPLICATE_SIMILARITY = float(os.environ.get("QUIVER_NEAR_DUPLICATE_SIMILARITY", 0.995))
+
+
+def _hnsw_ef_search(name: str, default: int) -> int:
+    """pgvector takes 1 to 1000; a value outside would fail every search, so the hub refuses to start."""
+    text = os.environ.get(name, str(default))
+    if not (text.isdigit() and 1 <= int(text) <= 1000):
+        raise RuntimeError(f"{name} must be an integer from 1 to 1000 (pgvector's hnsw.ef_search), not {text!r}")
+    return int(text)
+
+
 # HNSW search breadth (pgvector hnsw.ef_search): recall against latency. benchmarks/search.py's sweep
 # at 100 000 adapters on graphs built with ef_construction 200 (hub/models.py): recall@10 0.9735 at
 # 100, 0.9895 at 150, 0.9925 at 200, 0.9975 at 250 (graphs built with 64 needed 250 for 0.985).
 # 150 keeps the goal of 0.98 with a margin; recall falls as N grows at a fixed ef_search, so
 # re-measure (benchmarks/search.py --n) and raise it.
-QUIVER_HNSW_EF_SEARCH = int(os.environ.get("QUIVER_HNSW_EF_SEARCH", 150))
+QUIVER_HNSW_EF_SEARCH = _hnsw_ef_search("QUIVER_HNSW_EF_SEARCH", 150)
 # The same for the search's weights ranking, whose scan runs at its own breadth (hub/search.py): on
 # benchmarks/search.py's registry the weight graph costs twice the description graph's time per
 # ef_search unit and reaches its recall sooner: recall@10 0.9695 at 40, 0.9855 at 60, 0.992 at 80,
 # 0.995 at 100, 0.998 at 150 (scan p50 4.1 ms at 80 against 5.8 at 150).
-QUIVER_HNSW_WEIGHTS_EF_SEARCH = int(os.environ.get("QUIVER_HNSW_WEIGHTS_EF_SEARCH", 80))
+QUIVER_HNSW_WEIGHTS_EF_SEARCH = _hnsw_ef_search("QUIVER_HNSW_WEIGHTS_EF_SEARCH", 80)
 # Precision of the query encoder's transformer layers: auto (bfloat16 where the CPU has native
 # bfloat16 dot products), bfloat16 or float32 (generation/text_encoder.py says why and what it costs).
 QUIVER_QUERY_PRECISION = os.environ.get("QUIVER_QUERY_PRECISION", "auto")

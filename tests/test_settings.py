@@ -34,3 +34,13 @@ def test_an_unknown_query_precision_refuses_to_start():
     result = _django_check({**production, "QUIVER_QUERY_PRECISION": "int4"})
     assert result.returncode != 0 and "QUIVER_QUERY_PRECISION" in result.stderr
     assert _django_check({**production, "QUIVER_QUERY_PRECISION": "float32"}).returncode == 0
+
+
+def test_an_hnsw_breadth_pgvector_would_refuse_refuses_to_start():
+    production = {"DATABASE_URL": "postgres://u:p@db.example:5432/q", "REDIS_URL": "redis://r:6379/0",
+                  "DJANGO_SECRET_KEY": "s" * 50}
+    for name, value in (("QUIVER_HNSW_EF_SEARCH", "abc"), ("QUIVER_HNSW_WEIGHTS_EF_SEARCH", "0"),
+                        ("QUIVER_HNSW_WEIGHTS_EF_SEARCH", "1001")):
+        result = _django_check({**production, name: value})
+        assert result.returncode != 0 and name in result.stderr, (name, value)
+    assert _django_check({**production, "QUIVER_HNSW_WEIGHTS_EF_SEARCH": "1000"}).returncode == 0
