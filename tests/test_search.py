@@ -173,6 +173,7 @@ def test_search_statements_are_compiled_once_per_shape_and_equal_the_orms(regist
     Each runs at its ranking's HNSW breadth, and the session's is the one set afterwards, in a
     transaction or not."""
     from django.db import connection, transaction
+    from pgvector import Vector
 
     from hub.search import RANKINGS, rankings_query, rankings_statement
     from hub.selectors import adapter_list
@@ -195,7 +196,7 @@ def test_search_statements_are_compiled_once_per_shape_and_equal_the_orms(regist
             for statement in kept.statements:
                 orm = rankings_query(adapter_list(user, **filters).order_by(), query, vector, 40, statement.modes)
                 sql, params = orm.query.sql_with_params()
-                assert (statement.sql, statement.params_for(query, vector)) == (sql, list(params))
+                assert (statement.sql, statement.params_with(query, Vector(vector).to_text())) == (sql, list(params))
                 assert f"SET LOCAL hnsw.ef_search = {statement.ef_search}; {statement.sql}" in kept.sql
                 expected_rows += [tuple(row) for row in orm]
             assert [statement.modes for statement in kept.statements] == (
