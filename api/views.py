@@ -23,8 +23,24 @@ from workers import app as celery_app
 ADAPTER_FILTERS = ["base_model", "format", "tag", "license", "owner", "q"]
 
 
-class AdapterListCreateView(generics.GenericAPIView):
+class UploadListCreateView(generics.GenericAPIView):
+    """A public list that signed-in users add to by a multipart upload (files + metadata)."""
+
     parser_classes = [MultiPartParser]
+
+    def get_permissions(self):
+        return [IsAuthenticated()] if self.request.method == "POST" else [AllowAny()]
+
+    @staticmethod
+    def validated_upload(request, form_class) -> tuple[dict, list]:
+        """The upload form's validated metadata (without its files) and the uploaded files, for a service."""
+        form = form_class(data=request.data)
+        form.is_valid(raise_exception=True)
+        fields = {key: value for key, value in form.validated_data.items() if key != "files"}
+        return fields, incoming_uploads(request.FILES.getlist("files"))
+
+
+class AdapterListCreateView(UploadListCreateView):
     serializer_class = s.AdapterListSerializer
 
     @extend_schema(
@@ -39,15 +55,9 @@ class AdapterListCreateView(generics.GenericAPIView):
 
     @extend_schema(request=s.AdapterUploadSerializer, responses={201: s.AdapterSerializer})
     def post(self, request):
-        form = s.AdapterUploadSerializer(data=request.data)
-        form.is_valid(raise_exception=True)
-        fields = {key: value for key, value in form.validated_data.items() if key != "files"}
-        files = incoming_uploads(request.FILES.getlist("files"))
+        fields, files = self.validated_upload(request, s.AdapterUploadSerializer)
         revision = adapter_services.upload_adapter(user=request.user, files=files, **fields)
         return Response(s.AdapterSerializer(revision.adapter, context={"request": request}).data, status=status.HTTP_201_CREATED)
-
-    def get_permissions(self):
-        return [IsAuthenticated()] if self.request.method == "POST" else [AllowAny()]
 
 
 class AdapterDetailView(APIView):
@@ -230,8 +240,7 @@ class MergeFileView(APIView):
         return blob_download_response(request, sha256=stored.sha256, size=stored.size, filename=filename)
 
 
-class BaseModelListCreateView(generics.GenericAPIView):
-    parser_classes = [MultiPartParser]
+class BaseModelListCreateView(UploadListCreateView):
     serializer_class = s.BaseModelListSerializer
 
     @extend_schema(responses=s.BaseModelListSerializer(many=True))
@@ -241,15 +250,9 @@ class BaseModelListCreateView(generics.GenericAPIView):
 
     @extend_schema(request=s.BaseModelUploadSerializer, responses={201: s.BaseModelSerializer})
     def post(self, request):
-        form = s.BaseModelUploadSerializer(data=request.data)
-        form.is_valid(raise_exception=True)
-        fields = {key: value for key, value in form.validated_data.items() if key != "files"}
-        files = incoming_uploads(request.FILES.getlist("files"))
+        fields, files = self.validated_upload(request, s.BaseModelUploadSerializer)
         base = base_model_services.register_base_model(user=request.user, files=files, **fields)
         return Response(s.BaseModelSerializer(base, context={"request": request}).data, status=status.HTTP_201_CREATED)
-
-    def get_permissions(self):
-        return [IsAuthenticated()] if self.request.method == "POST" else [AllowAny()]
 
 
 class BaseModelDetailView(APIView):

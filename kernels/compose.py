@@ -101,6 +101,8 @@ from typing import Callable
 
 import torch
 
+from hub.formats.canonical import LowRankFactors
+
 from .lowrank import lowrank_svd
 
 Tensor = torch.Tensor
@@ -153,7 +155,7 @@ _TAKES_RANK = {"svd", "iso_c", "ties_svd", "dare_linear_svd", "dare_ties_svd", "
 
 
 @dataclass
-class ModuleUpdate:
+class ModuleUpdate(LowRankFactors):
     """One adapter's update of one module: ΔW = scale·B·A (B: out×r, A: r×in),
     or, with a DoRA magnitude (out,), W' − W, which needs base_weight (out×in)."""
 
@@ -163,17 +165,9 @@ class ModuleUpdate:
     magnitude: Tensor | None = None
     base_weight: Tensor | None = None
 
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.B.shape[0]), int(self.A.shape[1])
-
 
 @dataclass
-class ComposedModule:
+class ComposedModule(LowRankFactors):
     """ΔW = scale·B·A. error: relative Frobenius error of the method's
     approximation step (see each method), None where there is none."""
 
@@ -181,10 +175,6 @@ class ComposedModule:
     A: Tensor
     scale: float = 1.0
     error: float | None = None
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
 
 
 # ----------------------------------------------------------------------

@@ -16,8 +16,25 @@ import torch
 from .errors import FormatError
 
 
+class LowRankFactors:
+    """rank and shape of an update ΔW = scale · B @ A, for dataclasses with fields
+    A (r × in_features) and B (out_features × r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features) of the base weight this update changes."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+
 @dataclass
-class LoraModule:
+class LoraModule(LowRankFactors):
     """One adapted module.
 
     A: r × in_features (conv kernels flattened to r × (in·kh·kw)).
@@ -35,15 +52,6 @@ class LoraModule:
     magnitude: torch.Tensor | None = None
     kind: str = "linear"
     conv_shape: tuple[int, ...] | None = None
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(out_features, in_features) of the base weight this module updates."""
-        return int(self.B.shape[0]), int(self.A.shape[1])
 
     # ------------------------------------------------------------------
     # Helpers added for the parsers and later features (merge, compose).
