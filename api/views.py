@@ -23,9 +23,9 @@ from workers import app as celery_app
 ADAPTER_FILTERS = ["base_model", "format", "tag", "license", "owner", "q"]
 
 
+# A public list that signed-in users add to by a multipart upload (files + metadata). A comment, not a
+# docstring: drf-spectacular would take a docstring for every subclass's operation description.
 class UploadListCreateView(generics.GenericAPIView):
-    """A public list that signed-in users add to by a multipart upload (files + metadata)."""
-
     parser_classes = [MultiPartParser]
 
     def get_permissions(self):

@@ -237,6 +237,8 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # One schema name for the generator methods, which requests take as `method` and `methods`.
+    "ENUM_NAME_OVERRIDES": {"GeneratorMethodEnum": "hub.models.GeneratorArtifact.Method"},
 }
 
 # --- Production hardening (DEBUG off) ---
