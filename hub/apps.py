@@ -7,10 +7,24 @@ class HubConfig(AppConfig):
     verbose_name = "Quiver registry"
 
     def ready(self):
+        from django.db.models.signals import post_delete, post_save
+
         from hub.db import configure_connection
+        from hub.models import Adapter
 
         connection_created.connect(configure_connection, dispatch_uid="quiver-configure-connection")
+        # Cache invalidation is what signals are for here: every write of an adapter, by any
+        # service or the admin, makes the cached browse facets (hub.selectors.adapter_facets) stale.
+        for signal in (post_save, post_delete):
+            signal.connect(_forget_adapter_facets, sender=Adapter, dispatch_uid=f"quiver-facets-{signal is post_save}")
         # Make Quiver's Celery app the current one in every Django process (web, manage.py
         # commands), as Celery's Django guide does: services send tasks through
         # current_app, which would otherwise be Celery's default app and its amqp broker.
         import workers.celery_app  # noqa: F401
+
+
+def _forget_adapter_facets(**_signal) -> None:
+    # Imported when an adapter is written, not at start: hub.selectors imports torch.
+    from hub.selectors import forget_adapter_facets
+
+    forget_adapter_facets()

@@ -145,6 +145,12 @@ class Adapter(models.Model):
             GinIndex(fields=["tags"], name="adapter_tags_gin"),
             GinIndex(fields=["search_document"], name="adapter_search_document_gin"),
             models.Index(fields=["base_model", "visibility"], name="adapter_base_visibility"),
+            # One per adapter-list ordering (hub.selectors.ADAPTER_SORTS; by name: unique_adapter_id), so a
+            # page of a browse is an index range, not a sort of every adapter (85 ms at 100 000).
+            models.Index(fields=["-updated_at", "id"], name="adapter_updated_order"),
+            models.Index(fields=["-created_at", "id"], name="adapter_created_order"),
+            models.Index(fields=["-parameter_count", "id"], name="adapter_largest_order"),
+            models.Index(fields=["parameter_count", "id"], name="adapter_smallest_order"),
             HnswIndex(name="adapter_description_hnsw", fields=["description_embedding"], m=16, ef_construction=200,
                       opclasses=["vector_cosine_ops"]),
             HnswIndex(name="adapter_weight_hnsw", fields=["weight_embedding"], m=16, ef_construction=200,
