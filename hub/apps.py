@@ -23,7 +23,14 @@ class HubConfig(AppConfig):
         import workers.celery_app  # noqa: F401
 
 
-def _forget_adapter_facets(**_signal) -> None:
+# What the facets are counted from (and who may see them): a save of other fields only (a new
+# revision's pointer, say) leaves them as they were.
+FACET_FIELDS = frozenset({"format", "license", "tags", "visibility", "owner"})
+
+
+def _forget_adapter_facets(update_fields=None, **_signal) -> None:
+    if update_fields is not None and not FACET_FIELDS & set(update_fields):
+        return
     # Imported when an adapter is written, not at start: hub.selectors imports torch.
     from hub.selectors import forget_adapter_facets
 
