@@ -32,6 +32,10 @@ def _forget_adapter_facets(update_fields=None, **_signal) -> None:
     if update_fields is not None and not FACET_FIELDS & set(update_fields):
         return
     # Imported when an adapter is written, not at start: hub.selectors imports torch.
+    from django.db import transaction
+
     from hub.selectors import forget_adapter_facets
 
-    forget_adapter_facets()
+    # Once the write is committed: forgotten before, a browse in between would count the facets
+    # without it and keep them under the new version; a rolled-back write changes nothing.
+    transaction.on_commit(forget_adapter_facets)

@@ -9,6 +9,15 @@ import pytest
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def fresh_facets():
+    """The browse facets are cached (in Redis, across tests) and forgotten when a write commits,
+    which a test's rolled-back transaction never does: start each test from facets not yet counted."""
+    from hub import selectors
+
+    selectors.forget_adapter_facets()
+
+
 def test_writing_pages_ask_to_sign_in_and_reading_pages_do_not(client):
     for path in ("/upload/", "/compose/", "/merge/", "/generate/", "/account/tokens/"):
         response = client.get(path)
@@ -134,20 +143,39 @@ def test_browse_filters_sorts_and_pages_without_javascript(client, demo_bases, d
     assert '<option value="kohya">kohya</option>' in options and '<option value="openrail">openrail</option>' in options
 
 
-def test_browse_facets_are_kept_until_an_adapter_is_written(demo_bases, demo_adapter, django_assert_num_queries):
+def test_browse_facets_are_kept_until_an_adapter_is_written(demo_bases, demo_adapter, django_assert_num_queries,
+                                                           django_capture_on_commit_callbacks):
     """The facets (formats, licenses, top tags) read every visible adapter, so the browse page keeps
-    them in the cache (real Redis) per visibility scope, and any write of an adapter renews them."""
+    them in the cache (real Redis) per visibility scope, and a committed write of an adapter renews them."""
     from pathlib import Path
 
     from hub import selectors
-    from hub.services.adapters import delete_adapter, update_adapter, upload_adapter
+    from hub.services import adapters
     from hub.services.files import IncomingFile
+
+    def committed(write, **arguments):  # the test's transaction never commits: run what would follow
+        with django_capture_on_commit_callbacks(execute=True) as callbacks:
+            result = write(user=owner, **arguments)
+        assert callbacks
+        return result
+
+    def update_adapter(**arguments):
+        return committed(adapters.update_adapter, **arguments)
+
+    def delete_adapter(**arguments):
+        return committed(adapters.delete_adapter, **arguments)
 
     owner = demo_bases["quiver-demo/tiny-llama"].owner
     entry = demo_adapter("watercolor-style-kohya")
-    adapter = upload_adapter(user=owner, namespace="quiver-demo", name="watercolor-style-kohya",
-                             base_model=entry["base_model"], tags=["style"], license="openrail",
-                             files=[IncomingFile.from_path(Path(path)) for path in entry["files"]]).adapter
+    empty = {"formats": [], "licenses": [], "tags": []}
+    assert selectors.adapter_facets(None) == empty
+    with django_capture_on_commit_callbacks(execute=False) as pending:
+        adapter = adapters.upload_adapter(user=owner, namespace="quiver-demo", name="watercolor-style-kohya",
+                                          base_model=entry["base_model"], tags=["style"], license="openrail",
+                                          files=[IncomingFile.from_path(Path(path)) for path in entry["files"]]).adapter
+    assert selectors.adapter_facets(None) == empty  # forgotten when the upload commits, not before
+    for callback in pending:
+        callback()
     facets = selectors.adapter_facets(None)
     assert facets == {"formats": ["kohya"], "licenses": ["openrail"], "tags": ["style"]}
     with django_assert_num_queries(0):  # kept: no SQL at all
@@ -156,13 +184,13 @@ def test_browse_facets_are_kept_until_an_adapter_is_written(demo_bases, demo_ada
     with django_assert_num_queries(0):
         assert selectors.adapter_facets(None) == facets
 
-    update_adapter(user=owner, adapter=adapter, license="mit", tags=["pixel", "style"])
+    update_adapter(adapter=adapter, license="mit", tags=["pixel", "style"])
     assert selectors.adapter_facets(None) == {"formats": ["kohya"], "licenses": ["mit"], "tags": ["pixel", "style"]}
-    update_adapter(user=owner, adapter=adapter, visibility="private")
-    assert selectors.adapter_facets(None) == {"formats": [], "licenses": [], "tags": []}  # anonymous scope
+    update_adapter(adapter=adapter, visibility="private")
+    assert selectors.adapter_facets(None) == empty  # anonymous scope
     assert selectors.adapter_facets(owner)["licenses"] == ["mit"]  # the owner's own scope
-    delete_adapter(user=owner, adapter=adapter)
-    assert selectors.adapter_facets(owner) == {"formats": [], "licenses": [], "tags": []}
+    delete_adapter(adapter=adapter)
+    assert selectors.adapter_facets(owner) == empty
 
 
 def plan_nodes(queryset, *settings_off: str) -> list[dict]:

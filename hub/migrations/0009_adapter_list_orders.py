@@ -5,6 +5,16 @@ from django.conf import settings
 from django.contrib.postgres.operations import AddIndexConcurrently
 from django.db import migrations, models
 
+LIST_INDEXES = [
+    models.Index(fields=["-updated_at", "id"], name="adapter_updated_order"),
+    models.Index(fields=["-created_at", "id"], name="adapter_created_order"),
+    models.Index(fields=["-parameter_count", "id"], name="adapter_largest_order"),
+    models.Index(fields=["parameter_count", "id"], name="adapter_smallest_order"),
+    models.Index(fields=["format", "visibility"], name="adapter_format_visibility"),
+    models.Index(django.db.models.functions.text.Upper("license"), models.F("visibility"),
+                 name="adapter_license_visibility"),
+]
+
 
 class Migration(migrations.Migration):
     # Built CONCURRENTLY: a registry's uploads go on while the indexes build (no transaction around them).
@@ -15,29 +25,4 @@ class Migration(migrations.Migration):
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
-    operations = [
-        AddIndexConcurrently(
-            model_name='adapter',
-            index=models.Index(fields=['-updated_at', 'id'], name='adapter_updated_order'),
-        ),
-        AddIndexConcurrently(
-            model_name='adapter',
-            index=models.Index(fields=['-created_at', 'id'], name='adapter_created_order'),
-        ),
-        AddIndexConcurrently(
-            model_name='adapter',
-            index=models.Index(fields=['-parameter_count', 'id'], name='adapter_largest_order'),
-        ),
-        AddIndexConcurrently(
-            model_name='adapter',
-            index=models.Index(fields=['parameter_count', 'id'], name='adapter_smallest_order'),
-        ),
-        AddIndexConcurrently(
-            model_name='adapter',
-            index=models.Index(fields=['format', 'visibility'], name='adapter_format_visibility'),
-        ),
-        AddIndexConcurrently(
-            model_name='adapter',
-            index=models.Index(django.db.models.functions.text.Upper('license'), models.F('visibility'), name='adapter_license_visibility'),
-        ),
-    ]
+    operations = [AddIndexConcurrently(model_name="adapter", index=index) for index in LIST_INDEXES]
