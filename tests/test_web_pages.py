@@ -180,7 +180,9 @@ def test_browse_facets_are_kept_until_an_adapter_is_written(demo_bases, demo_ada
     assert facets == {"formats": ["kohya"], "licenses": ["openrail"], "tags": ["style"]}
     with django_assert_num_queries(0):  # kept: no SQL at all
         assert selectors.adapter_facets(None) == facets
-    adapter.save(update_fields=["description"])  # not a field the facets are counted from
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        adapter.save(update_fields=["description"])  # not a field the facets are counted from
+    assert not callbacks
     with django_assert_num_queries(0):
         assert selectors.adapter_facets(None) == facets
 
@@ -215,17 +217,20 @@ def plan_nodes(queryset, *settings_off: str) -> list[dict]:
     return list(nodes(plan[0]["Plan"]))
 
 
-@pytest.mark.parametrize("sort", ["updated", "created", "name", "largest", "smallest"])
-def test_every_adapter_list_order_reads_an_index_not_a_sort(sort, make_user):
-    """A page of the adapter list at any order is a range of an index (0009_adapter_list_orders):
-    with sorting priced out, PostgreSQL's plan has no Sort of the adapters (at 100 000 adapters a
-    sort of them all took 85 ms per page)."""
+def test_every_adapter_list_order_reads_an_index_not_a_sort(make_user):
+    """A page of the adapter list at any order (every one the selector offers, so a new order
+    needs its index) is a range of an index (0009_adapter_list_orders): with sorting priced out,
+    PostgreSQL's plan has no Sort of the adapters (at 100 000 adapters a sort of them all took
+    85 ms per page)."""
     from hub import selectors
 
-    assert sort in selectors.ADAPTER_SORTS
+    sorting = {}
     for user in (None, make_user("carol")):
-        kinds = [node["Node Type"] for node in plan_nodes(selectors.adapter_list(user, sort=sort)[:20], "enable_sort")]
-        assert "Sort" not in kinds, (sort, kinds)
+        for sort in selectors.ADAPTER_SORTS:
+            kinds = [node["Node Type"] for node in plan_nodes(selectors.adapter_list(user, sort=sort)[:20], "enable_sort")]
+            if "Sort" in kinds:
+                sorting[(sort, "anonymous" if user is None else "signed in")] = kinds
+    assert not sorting
 
 
 @pytest.mark.parametrize("filters, column", [({"format": "kohya"}, "format"), ({"license": "LICENSE-3"}, "upper"),
