@@ -32,15 +32,20 @@ class StoredFileSerializer(serializers.Serializer):
     url = serializers.SerializerMethodField()
 
     def get_url(self, stored) -> str:
-        request = self.context.get("request")
-        url = self.context["file_url"](stored)
-        return request.build_absolute_uri(url) if request else url
+        return absolute_url(self.context.get("request"), self.context["file_url"](stored))
+
+
+def absolute_url(request, url: str) -> str:
+    return request.build_absolute_uri(url) if request else url
+
+
+def adapter_file_path(namespace: str, name: str, revision_number: int, filename: str) -> str:
+    return f"{reverse('adapter-file', args=[namespace, name, filename])}?revision={revision_number}"
 
 
 def adapter_file_url(adapter: Adapter, revision: Revision):
     def url(stored) -> str:
-        path = reverse("adapter-file", args=[adapter.namespace, adapter.name, stored.filename])
-        return f"{path}?revision={revision.number}"
+        return adapter_file_path(adapter.namespace, adapter.name, revision.number, stored.filename)
 
     return url
 
@@ -184,6 +189,26 @@ class SearchQuerySerializer(SimilarQuerySerializer):
     format = serializers.CharField(required=False)
     tag = serializers.CharField(required=False)
     license = serializers.CharField(required=False)
+
+
+DATES = serializers.DateTimeField()
+
+
+def listing_data(listing: dict, request) -> dict:
+    """An adapter's listing from hub.selectors.adapter_listings as AdapterListSerializer writes it
+    (the same JSON, tested), without model instances or DRF fields per adapter: the search's path."""
+    files = [{**file, "url": absolute_url(request, adapter_file_path(listing["namespace"], listing["name"],
+                                                                     listing["revision"], file["filename"]))}
+             for file in listing["files"]]
+    return {**listing, "files": files, "created_at": DATES.to_representation(listing["created_at"]),
+            "updated_at": DATES.to_representation(listing["updated_at"])}
+
+
+def search_results(matches: list, listings: dict[int, dict], request) -> list[dict]:
+    """SearchHitSerializer's JSON of hub.search matches (id, score, matched) with their listings, in
+    the matches' order (an adapter deleted or hidden since it was ranked is left out)."""
+    return [{"adapter": listing_data(listings[adapter_id], request), "score": score, "matched": matched}
+            for adapter_id, score, matched in matches if adapter_id in listings]
 
 
 class SearchHitSerializer(serializers.Serializer):

@@ -97,9 +97,8 @@ class AdapterSimilarView(APIView):
         adapter = selectors.get_adapter(request.user, namespace, name)
         form = s.SimilarQuerySerializer(data=request.query_params)
         form.is_valid(raise_exception=True)
-        hits = search.similar_adapters(request.user, adapter, k=form.validated_data["k"])
-        return Response({"query": adapter.full_name,
-                         "results": s.SearchHitSerializer(hits, many=True, context={"request": request}).data})
+        matches = search.similar_matches(request.user, adapter, k=form.validated_data["k"])
+        return Response({"query": adapter.full_name, "results": listed_matches(request, matches)})
 
 
 class SearchView(APIView):
@@ -111,9 +110,14 @@ class SearchView(APIView):
         form.is_valid(raise_exception=True)
         params = dict(form.validated_data)
         query = params.pop("q")
-        hits = search.search_adapters(request.user, query, **params)
-        return Response({"query": query,
-                         "results": s.SearchHitSerializer(hits, many=True, context={"request": request}).data})
+        matches = search.search_matches(request.user, query, **params)
+        return Response({"query": query, "results": listed_matches(request, matches)})
+
+
+def listed_matches(request, matches: list) -> list[dict]:
+    """Search or "more like this" matches with their adapters' listings, as SearchHitSerializer writes them."""
+    listings = selectors.adapter_listings(request.user, [adapter_id for adapter_id, _, _ in matches])
+    return s.search_results(matches, listings, request)
 
 
 class AdapterFileView(APIView):

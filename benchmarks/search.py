@@ -448,16 +448,16 @@ def query_precision_check(tasks: list[str], seed: int, count: int = 1000) -> dic
 
 
 def stage_timings(queries: list[str]) -> dict:
-    """Where a search request's time goes: the stages of hub.search.search_adapters (k=10: 40
+    """Where a search request's time goes: the stages of the API's search (k=10: 40
     candidates per ranking), timed one by one in this process with the web workers' torch threads."""
     import torch
     from django.contrib.auth.models import AnonymousUser
     from django.test import RequestFactory
 
-    from api.serializers import SearchHitSerializer
+    from api.serializers import search_results
     from hub.ranking import fuse
-    from hub.search import RANKINGS, SearchHit, rankings_statement
-    from hub.selectors import adapters_for_listing, visible_adapters
+    from hub.search import RANKINGS, rankings_statement
+    from hub.selectors import adapter_listings
     from hub.services.embeddings import _query_vector, embed_query
 
     threads = torch.get_num_threads()
@@ -480,10 +480,8 @@ def stage_timings(queries: list[str]) -> dict:
         for ranking, adapter_id, value in rows:
             rankings.setdefault(ranking, []).append((adapter_id, value))
         fused = fuse(rankings, 10)
-        adapters = timed("fetch", lambda: adapters_for_listing(None, visible_adapters(None))
-                         .in_bulk([adapter_id for adapter_id, _, _ in fused]))
-        hits = [SearchHit(adapters[adapter_id], score, matched) for adapter_id, score, matched in fused]
-        timed("serialize", lambda: SearchHitSerializer(hits, many=True, context={"request": request}).data)
+        listings = timed("fetch", lambda: adapter_listings(None, [adapter_id for adapter_id, _, _ in fused]))
+        timed("serialize", lambda: search_results(fused, listings, request))
     torch.set_num_threads(threads)
     return {f"{stage}_{label}_ms": ms(samples, q) for stage, samples in stages.items()
             for label, q in (("p50", 50), ("p95", 95))}

@@ -13,18 +13,19 @@ which needs no calibration between cosine similarities and text ranks and lets a
 adapter with no description be found through its weights alone.
 
 A search is two round trips whatever k is: the rankings, then the fused adapters with
-everything their listing shows. Round trips, not the scans, were most of the SQL time.
+everything their listing shows (the API: hub.selectors.adapter_listings, one statement also
+compiled once, whose values PostgreSQL writes; pages: model instances, adapter_hits). Round
+trips, not the scans, were most of the SQL time.
 The rankings travel as one multi-statement query (RankingsStatements): the weights ranking
 (the active trained encoder is looked up inside it) and the description and keyword rankings
 UNION ALL'd, each statement after a SET LOCAL of its HNSW breadth (hnsw.ef_search): the two
 graphs reach the recall goal at different breadths (hub/settings.py), and the weight scan at
-the description's breadth took ≈ 5.8 ms of a 26 ms search (3.4 ms at its own). Each statement is compiled by the
-ORM once per search shape (RankingsStatement); later searches of that shape only fill in their
-words and vector.
+the description's breadth took ≈ 5.8 ms of a 26 ms search (3.4 ms at its own). Each statement
+is compiled by the ORM once per search shape (RankingsStatement, a hub.db.KeptStatement); later
+searches of that shape only fill in their words and vector.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -37,6 +38,7 @@ from pgvector.django import CosineDistance
 
 from generation import weight_encoder
 from generation.text_encoder import TEXT_DIM
+from hub.db import KeptStatement, KeptStatements
 from hub.models import Adapter, EncoderArtifact
 from hub.ranking import fuse
 from hub.selectors import (adapter_list, adapters_for_listing, attach_readable_provenance, visibility_scope,
@@ -120,45 +122,21 @@ def hnsw_ef_search(modes: tuple[str, ...]) -> int:
     return settings.QUIVER_HNSW_WEIGHTS_EF_SEARCH if modes == ("weights",) else settings.QUIVER_HNSW_EF_SEARCH
 
 
-class RankingsStatement:
-    """A rankings statement of one search shape, compiled by the ORM once: its SQL and its
-    parameters, with the slots that the query's words and vector fill. Building and compiling
-    the three-part statement costs ≈ 2 ms of the web's CPU per search, as much as PostgreSQL
-    takes to run it; the shape (who searches, which filters, how many candidates) repeats, so
-    later searches of the same shape only put their words and vector in the slots. The ORM
-    selectors stay the one spelling of visibility and filters: this only keeps their output."""
+class RankingsStatement(KeptStatement):
+    """A rankings statement of one search shape, compiled by the ORM once (hub.db.KeptStatement):
+    building and compiling the three-part statement costs ≈ 2 ms of the web's CPU per search, as
+    much as PostgreSQL takes to run it. Slots: the query's words and its vector (as pgvector text)."""
 
-    # Stand-ins compiled in place of a search's words and vector, found again in the compiled
-    # parameters. Two of each: a slot must change with its stand-in and nothing else may.
+    # Stand-ins compiled in place of a search's words and vector. Two of each: a slot must change
+    # with its stand-in and nothing else may.
     QUERY_STAND_INS = ("quiver query stand-in one", "quiver query stand-in two")
     VECTOR_STAND_INS = ([0.5] * TEXT_DIM, [0.25] * TEXT_DIM)
 
     def __init__(self, scope: QuerySet, limit: int, modes: tuple[str, ...]):
         self.modes, self.ef_search = modes, hnsw_ef_search(modes)
-        compiled = [rankings_query(scope, query, vector, limit, modes).query.sql_with_params()
-                    for query, vector in zip(self.QUERY_STAND_INS, self.VECTOR_STAND_INS)]
-        (self.sql, first), (second_sql, second) = compiled
-        vector_texts = [Vector(vector).to_text() for vector in self.VECTOR_STAND_INS]
-        self.params = list(first)
-        self.query_slots = [i for i, value in enumerate(first) if value == self.QUERY_STAND_INS[0]]
-        self.vector_slots = [i for i, value in enumerate(first) if value == vector_texts[0]]
-        expected = list(first)
-        for i in self.query_slots:
-            expected[i] = self.QUERY_STAND_INS[1]
-        for i in self.vector_slots:
-            expected[i] = vector_texts[1]
-        # A value the slots missed (or one inlined into the SQL) differs between the two compilations.
-        if second_sql != self.sql or list(second) != expected:
-            raise RuntimeError("the rankings statement's SQL depends on more than its words and vector")
-
-    def params_with(self, query: str, vector_text: str) -> list:
-        """The parameters with the words and the vector (as pgvector's text, ≈ 0.1 ms to write) put in."""
-        params = list(self.params)
-        for i in self.query_slots:
-            params[i] = query
-        for i in self.vector_slots:
-            params[i] = vector_text
-        return params
+        super().__init__(lambda query, vector: rankings_query(scope, query, vector, limit, modes),
+                         stand_ins={"query": self.QUERY_STAND_INS, "vector": self.VECTOR_STAND_INS},
+                         as_param={"vector": lambda vector: Vector(vector).to_text()})
 
 
 class RankingsStatements:
@@ -181,7 +159,8 @@ class RankingsStatements:
         """(ranking, id, value) rows of each statement in turn, as `rankings_query(...)` of its
         rankings would return them."""
         vector_text = Vector(vector).to_text()
-        params = [param for statement in self.statements for param in statement.params_with(query, vector_text)]
+        params = [param for statement in self.statements
+                  for param in statement.params_with(query=query, vector=vector_text)]
         rows = []
         with connection.cursor() as cursor:
             cursor.execute(self.sql, params)
@@ -192,28 +171,22 @@ class RankingsStatements:
                     return rows
 
 
-# Compiled statements by shape, per process. Shapes are few (each filter combination, and one
-# visibility scope per signed-in user); past the bound the dictionary starts again rather than
-# growing with the user count.
-RANKINGS_STATEMENTS_KEPT = 1024
-_rankings_statements: dict[tuple, RankingsStatements] = {}
-_rankings_statements_lock = threading.Lock()
+_rankings_statements = KeptStatements()
 
 
 def rankings_statement(user, *, limit: int, modes: tuple[str, ...], **filters) -> RankingsStatements:
     key = (visibility_scope(user), limit, modes, tuple(sorted(filters.items())))
-    statement = _rankings_statements.get(key)
-    if statement is None:
-        statement = RankingsStatements(adapter_list(user, **filters).order_by(), limit, modes)
-        with _rankings_statements_lock:
-            if len(_rankings_statements) >= RANKINGS_STATEMENTS_KEPT:
-                _rankings_statements.clear()
-            _rankings_statements[key] = statement
-    return statement
+    return _rankings_statements.get(key, lambda: RankingsStatements(adapter_list(user, **filters).order_by(), limit, modes))
 
 
-def search_adapters(user, query: str, *, k: int = 10, base_model=None, format=None, tag=None, license=None,
-                    modes: tuple[str, ...] = RANKINGS) -> list[SearchHit]:
+# A search's or a "more like this" list's result before its adapters are fetched: (adapter id,
+# score, what matched), best first. Pages fetch the adapters (search_adapters, similar_adapters);
+# the API fetches their listings (hub.selectors.adapter_listings), a faster path to the same JSON.
+Match = tuple[int, float, dict[str, float]]
+
+
+def search_matches(user, query: str, *, k: int = 10, base_model=None, format=None, tag=None, license=None,
+                   modes: tuple[str, ...] = RANKINGS) -> list[Match]:
     statement = rankings_statement(user, limit=max(4 * k, 40), modes=tuple(modes),
                                    base_model=base_model, format=format, tag=tag, license=license)
     vector = embed_query(query)
@@ -221,18 +194,30 @@ def search_adapters(user, query: str, *, k: int = 10, base_model=None, format=No
     for ranking, adapter_id, value in statement.rows(query, vector):
         # Cosine distance for the vector rankings, text rank for keywords; rows of each come best first.
         rankings[ranking].append((adapter_id, value if ranking == "keywords" else 1.0 - value))
-    fused = fuse({name: ranking for name, ranking in rankings.items() if ranking}, k)
-    adapters = adapters_for_listing(user, visible_adapters(user)).in_bulk([adapter_id for adapter_id, _, _ in fused])
-    attach_readable_provenance(user, adapters.values())
-    return [SearchHit(adapters[adapter_id], score, matched) for adapter_id, score, matched in fused if adapter_id in adapters]
+    return fuse({name: ranking for name, ranking in rankings.items() if ranking}, k)
 
 
-def similar_adapters(user, adapter: Adapter, *, k: int = 10) -> list[SearchHit]:
+def similar_matches(user, adapter: Adapter, *, k: int = 10) -> list[Match]:
     """Nearest adapters by weight embedding on the same base model ("more like this")."""
     if adapter.weight_embedding is None:
         return []
     scope = visible_adapters(user).filter(base_model_id=adapter.base_model_id).exclude(id=adapter.id).order_by()
     nearest = _nearest(scope, "weight_embedding", adapter.weight_embedding, k, weight_encoder=adapter.weight_encoder)
-    adapters = adapters_for_listing(user, visible_adapters(user)).in_bulk([adapter_id for adapter_id, _ in nearest])
+    return [(adapter_id, similarity, {"weights": round(similarity, 4)}) for adapter_id, similarity in nearest]
+
+
+def adapter_hits(user, matches: list[Match]) -> list[SearchHit]:
+    """The matched adapters with what their listing shows, in the matches' order (an adapter deleted
+    or hidden since it was ranked is left out)."""
+    adapters = adapters_for_listing(user, visible_adapters(user)).in_bulk([adapter_id for adapter_id, _, _ in matches])
     attach_readable_provenance(user, adapters.values())
-    return [SearchHit(adapters[i], similarity, {"weights": round(similarity, 4)}) for i, similarity in nearest if i in adapters]
+    return [SearchHit(adapters[adapter_id], score, matched) for adapter_id, score, matched in matches
+            if adapter_id in adapters]
+
+
+def search_adapters(user, query: str, **options) -> list[SearchHit]:
+    return adapter_hits(user, search_matches(user, query, **options))
+
+
+def similar_adapters(user, adapter: Adapter, *, k: int = 10) -> list[SearchHit]:
+    return adapter_hits(user, similar_matches(user, adapter, k=k))

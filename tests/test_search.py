@@ -162,8 +162,53 @@ def test_a_search_makes_the_same_few_sql_queries_whatever_k(registry, make_user,
     mine = next(hit["adapter"] for hit in hits if hit["adapter"]["name"] == "my-sql")
     assert mine["near_duplicate_of"] == "quiver-demo/sql-from-questions" and mine["files"]
     assert mine["provenance"]["parents"][0]["adapter"] == "quiver-demo/sql-from-questions"
-    # rankings, hits, their latest files, visible near duplicates, visible provenance parents
-    assert counts[2] == counts[5] == counts[20] <= 5, counts
+    # the rankings, the hits' listings (latest files and visible near duplicates inside), visible provenance parents
+    assert counts[2] == counts[5] == counts[20] <= 3, counts
+
+
+def test_search_listings_are_the_list_serializers_json(registry, make_user, client_for):
+    """The search's listings (one kept statement, hub.selectors.adapter_listings, written out by
+    api.serializers.listing_data) are exactly the JSON AdapterListSerializer writes for the same
+    adapters and viewer: files with their URLs, a near duplicate only when the viewer may see it,
+    provenance without the adapters they may not see, adapters without a base model or revision."""
+    from django.contrib.auth.models import AnonymousUser
+    from django.test import RequestFactory
+
+    from api.serializers import AdapterListSerializer, listing_data
+    from hub.models import Adapter
+    from hub.selectors import adapter_listings, adapters_for_listing, attach_readable_provenance, visible_adapters
+
+    alice, bob, staff = make_user("alice"), make_user("bob"), make_user("root", is_staff=True)
+    entry = next(e for e in registry["adapters"] if e["name"] == "sql-from-questions")
+    client_for(alice).post("/api/v1/adapters/", upload_payload(entry, name="my-sql", visibility="private"),
+                           format="multipart")
+    wait_for_all_jobs()
+    mine = Adapter.objects.get(name="my-sql")
+    # A public adapter whose near duplicate and one parent are private to alice; one with no base model or files.
+    Adapter.objects.filter(name="ticket-summarizer").update(
+        near_duplicate_of=mine, near_duplicate_similarity=0.97,
+        provenance={"method": "linear", "parents": [{"adapter": "alice/my-sql", "weight": 0.5},
+                                                    {"adapter": "quiver-demo/sql-from-questions", "weight": -1.0}]})
+    bare = Adapter.objects.exclude(name__in=["my-sql", "ticket-summarizer"]).first()
+    Adapter.objects.filter(id=bare.id).update(base_model=None, latest_revision=None)
+    ids = [*Adapter.objects.values_list("id", flat=True), 10 ** 9]  # and one that does not exist
+
+    for user in (None, alice, bob, staff):
+        request = RequestFactory().get("/api/v1/search", HTTP_HOST="localhost")
+        request.user = user or AnonymousUser()
+        adapters = list(adapters_for_listing(user, visible_adapters(user)).filter(id__in=ids))
+        attach_readable_provenance(user, adapters)
+        expected = {adapter.id: AdapterListSerializer(adapter, context={"request": request}).data for adapter in adapters}
+        listed = {adapter_id: listing_data(listing, request) for adapter_id, listing in adapter_listings(user, ids).items()}
+        assert listed == expected
+        summarizer = next(listing for listing in listed.values() if listing["name"] == "ticket-summarizer")
+        sees_mine = user in (alice, staff)
+        assert (summarizer["near_duplicate_of"] == "alice/my-sql") == sees_mine
+        assert len(summarizer["provenance"]["parents"]) == (2 if sees_mine else 1)
+        assert (mine.id in listed) == sees_mine
+        assert listed[bare.id]["base_model"] is None and listed[bare.id]["files"] == []
+        assert all(file["url"].startswith("http://localhost/api/v1/adapters/") for file in summarizer["files"])
+        assert summarizer["files"] and isinstance(summarizer["alpha"], float)
 
 
 def test_search_statements_are_compiled_once_per_shape_and_equal_the_orms(registry, make_user, settings):
@@ -196,7 +241,7 @@ def test_search_statements_are_compiled_once_per_shape_and_equal_the_orms(regist
             for statement in kept.statements:
                 orm = rankings_query(adapter_list(user, **filters).order_by(), query, vector, 40, statement.modes)
                 sql, params = orm.query.sql_with_params()
-                assert (statement.sql, statement.params_with(query, Vector(vector).to_text())) == (sql, list(params))
+                assert (statement.sql, statement.params_with(query=query, vector=Vector(vector).to_text())) == (sql, list(params))
                 assert f"SET LOCAL hnsw.ef_search = {statement.ef_search}; {statement.sql}" in kept.sql
                 expected_rows += [tuple(row) for row in orm]
             assert [statement.modes for statement in kept.statements] == (
