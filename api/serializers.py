@@ -111,7 +111,9 @@ class AdapterSerializer(serializers.ModelSerializer):
 
 
 class AdapterListSerializer(AdapterSerializer):
-    """The list view leaves out per-module shapes, which can be large."""
+    """An adapter in a list leaves out per-module shapes, which can be large. This is the lists'
+    schema and reference; the API writes lists through hub.selectors.adapter_listings and
+    listing_data, a faster path to the same JSON (tested equal)."""
 
     class Meta(AdapterSerializer.Meta):
         fields = [f for f in AdapterSerializer.Meta.fields if f != "module_shapes"]
@@ -196,7 +198,8 @@ DATES = serializers.DateTimeField()
 
 def listing_data(listing: dict, request) -> dict:
     """An adapter's listing from hub.selectors.adapter_listings as AdapterListSerializer writes it
-    (the same JSON, tested), without model instances or DRF fields per adapter: the search's path."""
+    (the same JSON, tested), without model instances or DRF fields per adapter: how the API writes
+    adapter lists, search results and "more like this"."""
     files = [{**file, "url": absolute_url(request, adapter_file_path(listing["namespace"], listing["name"],
                                                                      listing["revision"], file["filename"]))}
              for file in listing["files"]]

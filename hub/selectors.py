@@ -68,7 +68,8 @@ def adapters_for_listing(user, adapters: QuerySet[Adapter]) -> QuerySet[Adapter]
     `listed_near_duplicate`, None when there is none or it is hidden from `user`). Search
     vectors, per-module shapes and the joined rows' large JSON (a base model's config and
     shapes, a revision's metadata and analysis: kilobytes each on real models, decoded for
-    every hit), which listings do not show, are left in the database."""
+    every hit), which listings do not show, are left in the database. Model instances, for the web
+    pages and AdapterListSerializer; the API writes its lists from adapter_listings."""
     return adapters.defer(
         "description_embedding", "weight_embedding", "module_shapes", "search_document",
         "base_model__config", "base_model__module_shapes", "latest_revision__metadata", "latest_revision__analysis",
@@ -146,8 +147,8 @@ _listing_statements = KeptStatements()
 
 def adapter_listings(user, ids: list[int]) -> dict[int, dict]:
     """The listings (listing_columns, as dictionaries) of the adapters of `ids` that `user` may see,
-    by id: the API's search and "more like this" results (api.serializers.listing_data writes them
-    out). The same values as AdapterListSerializer over adapters_for_listing (tested), in one
+    by id: the API's adapter lists, search results and "more like this" (api.serializers.listing_data
+    writes them out). The same values as AdapterListSerializer over adapters_for_listing (tested), in one
     statement compiled once per visibility scope, plus one query when provenance names adapters."""
     statement = _listing_statements.get(visibility_scope(user), lambda: ListingStatement(user))
     listings = {}
