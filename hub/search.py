@@ -16,10 +16,9 @@ A search is two round trips whatever k is: the rankings, then the fused adapters
 everything their listing shows (the API: hub.selectors.adapter_listings, one statement also
 compiled once, whose values PostgreSQL writes; pages: model instances, adapter_hits). Round
 trips, not the scans, were most of the SQL time.
-The rankings are two statements (RankingsStatements): the weights ranking (the active trained
-encoder is looked up inside it), sent ahead on a second connection so that PostgreSQL runs it
-beside the description and keyword rankings UNION ALL'd on Django's (one multi-statement query
-inside a transaction), each after a SET LOCAL of its HNSW breadth (hnsw.ef_search): the two
+The rankings travel as one multi-statement query (RankingsStatements): the weights ranking
+(the active trained encoder is looked up inside it) and the description and keyword rankings
+UNION ALL'd, each statement after a SET LOCAL of its HNSW breadth (hnsw.ef_search): the two
 graphs reach the recall goal at different breadths (hub/settings.py), and the weight scan at
 the description's breadth took ≈ 5.8 ms of a 26 ms search (3.4 ms at its own). Each statement
 is compiled by the ORM once per search shape (RankingsStatement, a hub.db.KeptStatement); later
@@ -29,7 +28,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import psycopg
 from django.conf import settings
 from django.contrib.postgres.search import SearchQuery, SearchRank
 from django.db import connection
@@ -40,7 +38,7 @@ from pgvector.django import CosineDistance
 
 from generation import weight_encoder
 from generation.text_encoder import TEXT_DIM
-from hub.db import KeptStatement, KeptStatements, drop_side_connection, side_connection
+from hub.db import KeptStatement, KeptStatements
 from hub.models import Adapter, EncoderArtifact
 from hub.ranking import fuse
 from hub.selectors import (adapter_list, adapters_for_listing, attach_readable_provenance, visibility_scope,
@@ -142,68 +140,35 @@ class RankingsStatement(KeptStatement):
 
 
 class RankingsStatements:
-    """The rankings statements of one search shape (ranking_groups), each after `SET LOCAL
-    hnsw.ef_search`. With two of them (weights, then description and keywords) and Django's
-    connection in no transaction, the weights statement goes ahead on this process's side
-    connection (hub.db.SideConnection) while the other runs on Django's: PostgreSQL runs the two
-    HNSW scans in two backends at once (rankings p50 7.2 → 4.6 ms on the search benchmark, in one
-    process). Otherwise, or when the side connection fails, they go as one query string: one round
-    trip. Sent outside a transaction, the statements of a multi-statement query run as one implicit
-    transaction, which the SET LOCALs end with; inside one (an atomic block), the last SET LOCAL
-    leaves the session's breadth (hub/db.py) set. Both rely on Django's default client-side
-    parameter binding (psycopg's ClientCursor): server-side binding would refuse several
-    statements in one query."""
+    """The rankings statements of one search shape (ranking_groups), sent as one query string, each
+    after `SET LOCAL hnsw.ef_search`: one round trip. Sent outside a transaction, the statements
+    of a multi-statement query run as one implicit transaction, which the SET LOCALs end with;
+    inside one (an atomic block), the last SET LOCAL leaves the session's breadth (hub/db.py)
+    set. This relies on Django's default client-side parameter binding (psycopg's ClientCursor):
+    server-side binding would refuse several statements in one query."""
 
     def __init__(self, scope: QuerySet, limit: int, modes: tuple[str, ...]):
         self.statements = [RankingsStatement(scope, limit, group) for group in ranking_groups(modes)]
-        self.parts = [f"SET LOCAL hnsw.ef_search = {int(statement.ef_search)}; {statement.sql}"
-                      for statement in self.statements]
-        restore = ([f"SET LOCAL hnsw.ef_search = {int(settings.QUIVER_HNSW_EF_SEARCH)}"]
-                   if self.statements[-1].ef_search != settings.QUIVER_HNSW_EF_SEARCH else [])
-        self.sql = "; ".join(self.parts + restore)
+        parts = [f"SET LOCAL hnsw.ef_search = {int(statement.ef_search)}; {statement.sql}"
+                 for statement in self.statements]
+        if self.statements[-1].ef_search != settings.QUIVER_HNSW_EF_SEARCH:
+            parts.append(f"SET LOCAL hnsw.ef_search = {int(settings.QUIVER_HNSW_EF_SEARCH)}")
+        self.sql = "; ".join(parts)
 
     def rows(self, query: str, vector) -> list[tuple[str, int, float]]:
         """(ranking, id, value) rows of each statement in turn, as `rankings_query(...)` of its
         rankings would return them."""
         vector_text = Vector(vector).to_text()
-        params = [statement.params_with(query=query, vector=vector_text) for statement in self.statements]
-        if len(self.statements) == 2:
-            try:
-                side = side_connection()
-            except psycopg.Error:  # the database is unreachable: Django's connection says so below
-                side = None
-            if side is not None:
-                return self._rows_beside(side, params)
-        return self.rows_serially(params)
-
-    def _rows_beside(self, side, params: list[list]) -> list[tuple[str, int, float]]:
-        try:
-            side.send(self.parts[0], params[0])
-            rows = _selected_rows(self.parts[1], params[1])
-            ahead = side.results()[-1]  # the SELECT's, after the SET's
-        except psycopg.Error:  # the side connection's (Django's connection raises its own errors)
-            drop_side_connection()
-            return self.rows_serially(params)
-        except BaseException:
-            drop_side_connection()  # it may still hold a result: never reuse it
-            raise
-        return [(ahead.get_value(i, 0).decode(), int(ahead.get_value(i, 1)), float(ahead.get_value(i, 2)))
-                for i in range(ahead.ntuples)] + rows
-
-    def rows_serially(self, params: list[list]) -> list[tuple[str, int, float]]:
-        return _selected_rows(self.sql, [param for statement_params in params for param in statement_params])
-
-
-def _selected_rows(sql: str, params: list) -> list[tuple]:
-    """The rows of every SELECT among the statements of `sql`, in turn, on Django's connection."""
-    rows = []
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        while True:
-            if cursor.description is not None:  # a SELECT's result, not a SET's
-                rows.extend(tuple(row) for row in cursor.fetchall())
-            if not cursor.nextset():
-                return rows
+        params = [param for statement in self.statements
+                  for param in statement.params_with(query=query, vector=vector_text)]
+        rows = []
+        with connection.cursor() as cursor:
+            cursor.execute(self.sql, params)
+            while True:
+                if cursor.description is not None:  # a SELECT's result, not a SET's
+                    rows.extend(cursor.fetchall())
+                if not cursor.nextset():
+                    return rows
 
 
 _rankings_statements = KeptStatements()

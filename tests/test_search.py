@@ -211,51 +211,6 @@ def test_search_listings_are_the_list_serializers_json(registry, make_user, clie
         assert summarizer["files"] and isinstance(summarizer["alpha"], float)
 
 
-def test_the_weights_ranking_runs_beside_the_others_and_survives_losing_its_connection(registry):
-    """Outside a transaction the weights ranking goes ahead on the side connection (another
-    PostgreSQL backend) while the other rankings run on Django's: the same rows as the ORM's
-    statements. When the side connection's backend is gone (a restart, an idle timeout), the
-    rankings come all the same, on Django's connection, and the next search opens a new one."""
-    import hashlib
-
-    from django.db import connection, transaction
-
-    from generation.weight_encoder import ENCODER_VERSION
-    from hub import db
-    from hub.models import Adapter, Blob, EncoderArtifact
-    from hub.search import RANKINGS, rankings_query, rankings_statement
-    from hub.selectors import adapter_list
-    from hub.services.embeddings import embed_query
-
-    # A trained encoder's label on every weight vector, so that the weights ranking has rows.
-    sha256 = hashlib.sha256(b"stand-in trained weight encoder").hexdigest()
-    blob = Blob.objects.create(sha256=sha256, size=0)
-    artifact = EncoderArtifact.objects.create(version=ENCODER_VERSION, weights=blob, config={}, active=True)
-    Adapter.objects.update(weight_encoder=artifact.label)
-    query = "summarise support tickets"
-    vector = embed_query(query)
-    kept = rankings_statement(None, limit=40, modes=RANKINGS)
-    expected = [tuple(row) for statement in kept.statements
-                for row in rankings_query(adapter_list(None).order_by(), query, vector, 40, statement.modes)]
-    assert {ranking for ranking, _, _ in expected} >= {"weights", "description"}
-
-    def side_backend() -> int:
-        with db._side.connection.conn.cursor() as cursor:
-            return cursor.execute("SELECT pg_backend_pid()").fetchone()[0]
-
-    assert kept.rows(query, vector) == expected
-    first = side_backend()
-    with connection.cursor() as cursor:
-        assert first != cursor.execute("SELECT pg_backend_pid()").fetchone()[0]
-        cursor.execute("SELECT pg_terminate_backend(%s)", [first])
-    assert kept.rows(query, vector) == expected  # the side connection fails; Django's answers
-    assert kept.rows(query, vector) == expected
-    assert side_backend() != first
-    with transaction.atomic():  # the side connection could not see this transaction's rows
-        Adapter.objects.update(weight_encoder="")
-        assert [row for row in kept.rows(query, vector) if row[0] == "weights"] == []
-
-
 def test_search_statements_are_compiled_once_per_shape_and_equal_the_orms(registry, make_user, settings):
     """Kept rankings statements, their words and vector put in, are exactly the statements the ORM
     compiles for that search: for anonymous, signed-in and staff users, with and without filters.
