@@ -39,7 +39,8 @@ class KeptStatement:
             return {slot: as_param.get(slot, _as_is)(pair[which]) for slot, pair in stand_ins.items()}
 
         (self.sql, first), (second_sql, second) = [
-            build(**{slot: pair[which] for slot, pair in stand_ins.items()}).query.sql_with_params() for which in (0, 1)]
+            build(**{slot: pair[which] for slot, pair in stand_ins.items()}).query.sql_with_params()
+            for which in (0, 1)]
         self.params = list(first)
         self.slots = {slot: [i for i, param in enumerate(first) if param == value]
                       for slot, value in compiled_stand_ins(0).items()}

@@ -176,7 +176,8 @@ _rankings_statements = KeptStatements()
 
 def rankings_statement(user, *, limit: int, modes: tuple[str, ...], **filters) -> RankingsStatements:
     key = (visibility_scope(user), limit, modes, tuple(sorted(filters.items())))
-    return _rankings_statements.get(key, lambda: RankingsStatements(adapter_list(user, **filters).order_by(), limit, modes))
+    return _rankings_statements.get(
+        key, lambda: RankingsStatements(adapter_list(user, **filters).order_by(), limit, modes))
 
 
 # A search's or a "more like this" list's result before its adapters are fetched: (adapter id,

@@ -148,8 +148,8 @@ _listing_statements = KeptStatements()
 def adapter_listings(user, ids: list[int]) -> dict[int, dict]:
     """The listings (listing_columns, as dictionaries) of the adapters of `ids` that `user` may see,
     by id: the API's adapter lists, search results and "more like this" (api.serializers.listing_data
-    writes them out). The same values as AdapterListSerializer over adapters_for_listing (tested), in one
-    statement compiled once per visibility scope, plus one query when provenance names adapters."""
+    writes them out). The same values as AdapterListSerializer over adapters_for_listing (tested), in
+    one statement compiled once per visibility scope, plus one query when provenance names adapters."""
     statement = _listing_statements.get(visibility_scope(user), lambda: ListingStatement(user))
     listings = {}
     for adapter_id, *values in statement.rows(ids):
@@ -160,8 +160,8 @@ def adapter_listings(user, ids: list[int]) -> dict[int, dict]:
         if listing["near_duplicate_of"] is None:  # none, or hidden from `user`
             listing["near_duplicate_similarity"] = None
         listings[adapter_id] = listing
-    for listing, provenance in zip(listings.values(),
-                                   readable_provenances(user, [listing["provenance"] for listing in listings.values()])):
+    provenances = readable_provenances(user, [listing["provenance"] for listing in listings.values()])
+    for listing, provenance in zip(listings.values(), provenances):
         listing["provenance"] = provenance
     return listings
 
@@ -288,7 +288,8 @@ def readable_provenances(user, provenances: list[dict]) -> list[dict]:
     adapters would otherwise make N)."""
     named = [_provenance_names(provenance) for provenance in provenances]
     visible = visible_full_names(user, [name for names in named for name in names])
-    return [_provenance_among(provenance, visible) if names else provenance for provenance, names in zip(provenances, named)]
+    return [_provenance_among(provenance, visible) if names else provenance
+            for provenance, names in zip(provenances, named)]
 
 
 def attach_readable_provenance(user, adapters) -> None:

@@ -198,8 +198,10 @@ def test_search_listings_are_the_list_serializers_json(registry, make_user, clie
         request.user = user or AnonymousUser()
         adapters = list(adapters_for_listing(user, visible_adapters(user)).filter(id__in=ids))
         attach_readable_provenance(user, adapters)
-        expected = {adapter.id: AdapterListSerializer(adapter, context={"request": request}).data for adapter in adapters}
-        listed = {adapter_id: listing_data(listing, request) for adapter_id, listing in adapter_listings(user, ids).items()}
+        expected = {adapter.id: AdapterListSerializer(adapter, context={"request": request}).data
+                    for adapter in adapters}
+        listed = {adapter_id: listing_data(listing, request)
+                  for adapter_id, listing in adapter_listings(user, ids).items()}
         assert listed == expected
         summarizer = next(listing for listing in listed.values() if listing["name"] == "ticket-summarizer")
         sees_mine = user in (alice, staff)
@@ -241,7 +243,8 @@ def test_search_statements_are_compiled_once_per_shape_and_equal_the_orms(regist
             for statement in kept.statements:
                 orm = rankings_query(adapter_list(user, **filters).order_by(), query, vector, 40, statement.modes)
                 sql, params = orm.query.sql_with_params()
-                assert (statement.sql, statement.params_with(query=query, vector=Vector(vector).to_text())) == (sql, list(params))
+                filled = statement.params_with(query=query, vector=Vector(vector).to_text())
+                assert (statement.sql, filled) == (sql, list(params))
                 assert f"SET LOCAL hnsw.ef_search = {statement.ef_search}; {statement.sql}" in kept.sql
                 expected_rows += [tuple(row) for row in orm]
             assert [statement.modes for statement in kept.statements] == (
