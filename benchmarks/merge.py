@@ -145,7 +145,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def child_quiver(base: Path, adapter: Path, out: Path) -> dict:
+def child_quiver(base: Path, adapter: Path, out: Path, device: str = "cpu") -> dict:
     import torch
 
     from hub.formats import parse_adapter
@@ -156,7 +156,9 @@ def child_quiver(base: Path, adapter: Path, out: Path) -> dict:
     baseline, cpu = current_rss(), cpu_seconds()
     start = time.perf_counter()
     parsed = parse_adapter(adapter_files)
-    merge_checkpoint(files, [(parsed, 1.0)], out)
+    merge_checkpoint(files, [(parsed, 1.0)], out, device=device)
+    if device != "cpu":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu, "peak_rss": peak_rss(), "baseline_rss": baseline,
             "threads": torch.get_num_threads()}
@@ -176,11 +178,12 @@ def child_peft(base: Path, adapter: Path, out: Path) -> dict:
     return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu, "peak_rss": peak_rss(), "baseline_rss": baseline}
 
 
-def run_child(kind: str, base: Path, adapter: Path, out: Path) -> dict:
+def run_child(kind: str, base: Path, adapter: Path, out: Path, device: str = "cpu") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()  # start with no dirty pages from earlier steps queued for writeback
     result = subprocess.run(
-        [sys.executable, __file__, "--child", kind, "--base", str(base), "--adapter", str(adapter), "--out", str(out)],
+        [sys.executable, __file__, "--child", kind, "--base", str(base), "--adapter", str(adapter), "--out", str(out),
+         "--device", device],
         check=True, capture_output=True, text=True, cwd=ROOT,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -230,6 +233,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--repeat", type=int, default=3, help="copy / quiver runs, alternated; the best of each counts")
+    parser.add_argument("--device", default="cpu",
+                        help="where quiver merges the adapted tensors (cpu, or cuda on a GPU worker: the Triton kernel)")
     parser.add_argument("--child", choices=["quiver", "peft"])
     parser.add_argument("--base", type=Path)
     parser.add_argument("--adapter", type=Path)
@@ -237,7 +242,10 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        result = (child_quiver if args.child == "quiver" else child_peft)(args.base, args.adapter, args.out)
+        if args.child == "quiver":
+            result = child_quiver(args.base, args.adapter, args.out, args.device)
+        else:
+            result = child_peft(args.base, args.adapter, args.out)
         print(json.dumps(result))
         return
 
@@ -268,7 +276,7 @@ def main() -> None:
             print(json.dumps({"bench": "merge.copy", "run": run, "bytes": size, "seconds": round(copy_s, 3),
                               "cpu_s": round(copy_cpu, 3), "gb_per_s": round(size / copy_s / 1e9, 3),
                               "loadavg_1m": os.getloadavg()[0]}), flush=True)
-            quiver = run_child("quiver", base, adapter, work / "quiver-out")
+            quiver = run_child("quiver", base, adapter, work / "quiver-out", args.device)
             quiver["rss_fraction"] = (quiver["peak_rss"] - quiver["baseline_rss"]) / size
             merges.append(quiver)
             print(json.dumps({"bench": "merge.quiver", "run": run, "seconds": round(quiver["seconds"], 3),
@@ -282,7 +290,7 @@ def main() -> None:
         # The copy's time swings with the VM's page-cache state (0.27–1.1 s within an hour here); each
         # merge against the copy just before it shows how much of the ratio is that swing.
         paired = sorted(m["seconds"] / c for m, c in zip(merges, copies))
-        headline = {"bench": "merge", "bytes": size, "copy_s": round(copy_s, 3), "quiver_s": round(quiver_s, 3),
+        headline = {"bench": "merge", "device": args.device, "bytes": size, "copy_s": round(copy_s, 3), "quiver_s": round(quiver_s, 3),
                     "ratio_to_copy": round(quiver_s / copy_s, 3), "rss_fraction": round(quiver_fraction, 4),
                     "paired_ratios": [round(r, 3) for r in paired]}
         if not args.skip_peft:

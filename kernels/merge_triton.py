@@ -10,8 +10,9 @@ and each program owns one BLOCK_M × BLOCK_N tile of W: it accumulates
 tl.dot(B_cat tile, A_cat tile) over R in float32, loads the W tile, adds it
 (float32) and stores the sum rounded to the output dtype (round to nearest
 even; for bf16 done with integer ops, see the kernel). W is read once and
-written once; the factors are tiny (R ≪ in), so the kernel is bound by the
-bandwidth of W's bytes. `out` may be `weight` (in-place): a tile is read
+written once; the factors are tiny (R ≪ in), so the kernel should be bound by
+the bandwidth of W's bytes (on an H200 it reaches half of a device copy's:
+docs/gpu-merge-kernel.md has the measurements and what is left to try). `out` may be `weight` (in-place): a tile is read
 before it is written and no tile reads another's.
 
 Numerics against kernels.merge_reference: the reference rounds B@A to
@@ -36,6 +37,19 @@ from .merge_reference import check_merge_inputs
 
 
 @triton.jit
+def _to_output(merged, out_ptr, OUT_BF16: tl.constexpr):
+    """The float32 sum in the output's dtype, rounded to nearest even."""
+    if OUT_BF16:
+        # Round to nearest even by hand (the bit trick c10::BFloat16 uses): the compiled
+        # cast does the same, but the interpreter's float32 → bfloat16 cast truncates.
+        bits = merged.to(tl.uint32, bitcast=True)
+        bits += ((bits >> 16) & 1) + 0x7FFF
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(merged != merged, merged.to(tl.bfloat16), rounded)  # NaN stays NaN
+    return merged.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _lora_merge_kernel(
     w_ptr, b_ptr, a_ptr, out_ptr,
     M, N, R,
@@ -48,40 +62,43 @@ def _lora_merge_kernel(
     BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     OUT_BF16: tl.constexpr,
+    OUTER: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # One program per tile on a 1-D grid, in row-major tile order (the tiles in flight
+    # together cover contiguous memory); W's tile is loaded before the product so that
+    # its latency overlaps the arithmetic.
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        b = tl.load(
-            b_ptr + offs_m[:, None] * stride_bm + offs_r[None, :] * stride_br,
-            mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-        )
-        a = tl.load(
-            a_ptr + offs_r[:, None] * stride_ar + offs_n[None, :] * stride_an,
-            mask=mask_r[:, None] & mask_n[None, :], other=0.0,
-        )
-        acc += tl.dot(b, a, input_precision=INPUT_PRECISION)
-
     tile_mask = mask_m[:, None] & mask_n[None, :]
     w = tl.load(w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn, mask=tile_mask, other=0.0)
-    merged = acc + w.to(tl.float32)
-    if OUT_BF16:
-        # Round to nearest even by hand (the bit trick c10::BFloat16 uses): the compiled
-        # cast does the same, but the interpreter's float32 → bfloat16 cast truncates.
-        bits = merged.to(tl.uint32, bitcast=True)
-        bits += ((bits >> 16) & 1) + 0x7FFF
-        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        result = tl.where(merged != merged, merged.to(tl.bfloat16), rounded)  # NaN stays NaN
+
+    delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if OUTER:
+        # R outer products (a column of B times a row of A, float32 FMAs) in W's own
+        # register layout: no tl.dot, so no trip of the operands through shared memory
+        # and no layout change between the product and W's tile.
+        for r in range(0, R):
+            b_col = tl.load(b_ptr + offs_m * stride_bm + r * stride_br, mask=mask_m, other=0.0)
+            a_row = tl.load(a_ptr + r * stride_ar + offs_n * stride_an, mask=mask_n, other=0.0)
+            delta += b_col[:, None] * a_row[None, :]
     else:
-        result = merged.to(out_ptr.dtype.element_ty)
+        for r0 in range(0, R, BLOCK_R):  # tl.dot, BLOCK_R of R at a time
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            b = tl.load(
+                b_ptr + offs_m[:, None] * stride_bm + offs_r[None, :] * stride_br,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+            )
+            a = tl.load(
+                a_ptr + offs_r[:, None] * stride_ar + offs_n[None, :] * stride_an,
+                mask=mask_r[:, None] & mask_n[None, :], other=0.0,
+            )
+            delta += tl.dot(b, a, input_precision=INPUT_PRECISION)
+    result = _to_output(delta + w.to(tl.float32), out_ptr, OUT_BF16)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, result, mask=tile_mask)
 
 
@@ -108,13 +125,20 @@ def merge_lora_triton(
     scales: list[float],
     *,
     out: torch.Tensor | None = None,
-    block_m: int = 64,
+    schedule: str = "tile",
+    block_m: int = 32,
     block_n: int = 128,
     block_r: int = 16,
     num_warps: int = 4,
+    num_stages: int = 3,
     input_precision: str = "ieee",
 ) -> torch.Tensor:
     """W + Σ sᵢ·Bᵢ·Aᵢ in one fused kernel launch, in W's dtype (or out's).
+
+    schedule: "tile" (the product by tl.dot, BLOCK_R of R at a time) or "outer" (R
+    outer products in float32 FMAs; input_precision does not apply; not yet timed on a
+    GPU, see docs/gpu-merge-kernel.md). Tile sizes: the fastest exact (ieee) setting
+    measured on an H200 across Llama shapes (same page).
     Block sizes must be powers of two ≥ 16 (tl.dot's minimum)."""
     check_merge_inputs(weight, Bs, As, scales)
     if not weight.is_cuda and not is_interpreted():
@@ -125,6 +149,8 @@ def merge_lora_triton(
     for size in (block_m, block_n, block_r):
         if size < 16 or size & (size - 1):
             raise ValueError(f"block sizes must be powers of two ≥ 16, got {size}")
+    if schedule not in ("tile", "outer"):
+        raise ValueError(f"unknown schedule {schedule!r} (tile, outer)")
     if out is None:
         out = torch.empty_like(weight)
     elif out.shape != weight.shape or out.device != weight.device:
@@ -138,8 +164,7 @@ def merge_lora_triton(
         return out
     B_cat, A_cat = concat_factors(Bs, As, scales, weight.device)
     R = int(A_cat.shape[0])
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _lora_merge_kernel[grid](
+    _lora_merge_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
         weight, B_cat, A_cat, out,
         M, N, R,
         weight.stride(0), weight.stride(1),
@@ -147,7 +172,7 @@ def merge_lora_triton(
         A_cat.stride(0), A_cat.stride(1),
         out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, INPUT_PRECISION=input_precision,
-        OUT_BF16=out.dtype == torch.bfloat16,
-        num_warps=num_warps,
+        OUT_BF16=out.dtype == torch.bfloat16, OUTER=schedule == "outer",
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -158,6 +158,7 @@ def test_kernel_runs_under_the_interpreter():
     assert choose_backend(torch.zeros(2, 2)) == "torch"
 
 
+@pytest.mark.parametrize("schedule", ["tile", "outer"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "shape, ranks, blocks",
@@ -167,11 +168,12 @@ def test_kernel_runs_under_the_interpreter():
         ((16, 16), (1,), (16, 16, 16)),  # exactly one tile, rank 1
     ],
 )
-def test_kernel_matches_reference(dtype, shape, ranks, blocks):
+def test_kernel_matches_reference(schedule, dtype, shape, ranks, blocks):
     W, Bs, As = factors(*shape, ranks, dtype, seed=len(ranks))
     scales = [1.5, -0.5][: len(ranks)]
     block_m, block_n, block_r = blocks
-    merged = merge_triton.merge_lora_triton(W, Bs, As, scales, block_m=block_m, block_n=block_n, block_r=block_r)
+    merged = merge_triton.merge_lora_triton(W, Bs, As, scales, schedule=schedule, block_m=block_m, block_n=block_n,
+                                            block_r=block_r)
     reference = merge_lora_reference(W, Bs, As, scales)
     assert merged.dtype == dtype and merged.shape == W.shape
     # Scales folded into B and one shared accumulator: float32 sums may differ in the last
