@@ -274,6 +274,14 @@ class GeneratorTrainingRequestSerializer(serializers.Serializer):
                                               "function: adapters are trained by what they make the base model "
                                               "answer on its probe texts (a base the hub can run, with "
                                               "probe_texts.json)")
+    conjunctions = serializers.BooleanField(
+        default=False, help_text="on a base the hub can run (with probe_texts.json): first distill the conjunctions "
+                                 "of experts that no expert covers into derived experts (README, 'Generation'); "
+                                 "ignored elsewhere")
+    conjunction_steps = serializers.IntegerField(
+        required=False, min_value=10, max_value=2000,
+        help_text="distillation steps per derived expert (default 100; each step runs the base on 32 probe texts "
+                  "per conjunction)")
 
 
 class GeneratorArtifactSerializer(serializers.ModelSerializer):

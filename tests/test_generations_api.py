@@ -144,3 +144,51 @@ def test_function_space_training_runs_the_stored_base_on_its_probe_texts(zoo_reg
     again, result = train()
     assert again.version == artifact.version + 1 and result["teachers"] == {"computed": 0, "reused": 11}
     assert again.curve == artifact.curve  # the reused outputs are the computed ones, to the bit
+
+
+def test_training_with_conjunctions_derives_experts_and_generation_names_their_parents(zoo_registry, make_user,
+                                                                                      client_for):
+    """`conjunctions: true` on a base the hub can run: the training job distills the conjunctions of
+    experts that no expert covers (kept in blob storage: the second training reuses them), the
+    artifact records their parents, and a generation drawing on one names both parents."""
+    from hub.blobs import blob_storage
+    from hub.models import GeneratorArtifact
+    from hub.services.generations import CONJUNCTIONS_PREFIX, expert_texts
+
+    storage = blob_storage()
+    if storage.exists(CONJUNCTIONS_PREFIX):
+        for name in storage.listdir(CONJUNCTIONS_PREFIX)[1]:
+            storage.delete(CONJUNCTIONS_PREFIX + name)
+    owner = client_for(zoo_registry)
+
+    def train() -> GeneratorArtifact:
+        response = owner.post("/api/v1/generators/", {"base_model": BASE, "methods": ["sg-lora"], "steps": 50,
+                                                      "conjunctions": True, "conjunction_steps": 10}, format="json")
+        assert response.status_code == 202, response.json()
+        finished = wait_for_job(response.json()[0]["id"], timeout=900)
+        assert finished.state == "succeeded", finished.error
+        return GeneratorArtifact.objects.filter(base_model__namespace="zoo", method="sg-lora").latest("version")
+
+    artifact = train()
+    found = artifact.settings["conjunctions"]
+    assert found and artifact.job.result["conjunctions"] == len(found) and len(artifact.experts) == 11
+    assert all(0 <= a < b < len(artifact.experts) for a, b in (c["parents"] for c in found))
+    cached = storage.listdir(CONJUNCTIONS_PREFIX)[1]
+    assert len(cached) == 1
+    again = train()
+    assert again.settings["conjunctions"] == found and storage.listdir(CONJUNCTIONS_PREFIX)[1] == cached
+
+    # A description that is the two parents' descriptions side by side finds their conjunction first.
+    first, second = (artifact.experts[i]["adapter"] for i in found[0]["parents"])
+    descriptions = [owner.get(f"/api/v1/adapters/{name}/").json()["description"] for name in (first, second)]
+    description = " ".join(expert_texts(d)[0] for d in descriptions)
+    api = client_for(make_user("carol"))
+    response = api.post("/api/v1/generations/", {"description": description, "base_model": BASE,
+                                                 "method": "sg-lora", "k": 3}, format="json")
+    assert response.status_code == 202, response.json()
+    finished = wait_for_job(response.json()["id"], timeout=300)
+    assert finished.state == "succeeded", finished.error
+    experts = finished.result["experts"]
+    derived = [e for e in experts if "conjunction_with" in e]
+    assert derived and derived[0]["adapter"] == first and derived[0]["conjunction_with"]["adapter"] == second
+    assert experts[0] == max(experts, key=lambda e: e["weight"]) and "conjunction_with" in experts[0]

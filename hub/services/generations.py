@@ -24,7 +24,7 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 from django.db.models import Max
 
-from generation import functional, generators, lora_layout
+from generation import conjunctions, functional, generators, lora_layout
 from generation.functional import FunctionProbe
 from generation.text_encoder import embed_texts
 from generation.zoo import model as zoo_model
@@ -42,6 +42,7 @@ MIN_EXPERTS = 4
 # function space generalises better to unseen categories/languages but worse to unseen pairs and
 # costs minutes instead of seconds (README, "Generation").
 SPACES = ("parameter", "function")
+CONJUNCTION_STEPS = conjunctions.DISTILL_STEPS  # by name here: request_generator_training's flag shadows the module
 MAX_DESCRIPTION_CHARS = 1000  # a task description, not a document: MiniLM reads 256 tokens at most
 MAX_K = 32
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
@@ -67,9 +68,11 @@ def expert_candidates(base: BaseModel) -> list[Adapter]:
 
 
 def request_generator_training(*, user, base_model: str, methods: list[str] | None = None,
-                               steps: int | None = None, space: str = "parameter") -> list[Job]:
+                               steps: int | None = None, space: str = "parameter",
+                               conjunctions: bool = False, conjunction_steps: int | None = None) -> list[Job]:
     """Training costs a worker minutes, so only the base model's owner or staff may ask for it.
-    space: "parameter" (any base) or "function" (a base the hub can run, with probe texts)."""
+    space: "parameter" (any base) or "function" (a base the hub can run, with probe texts).
+    conjunctions: derive experts for the conjunctions no expert covers, where the base can run."""
     base = get_base_model(base_model)
     if user is None or not (user.is_staff or base.owner_id == user.id):
         raise Forbidden("not_base_owner", f"Only the owner of {base.full_name} or staff may train its generators.")
@@ -89,12 +92,15 @@ def request_generator_training(*, user, base_model: str, methods: list[str] | No
                                           f"descriptions to train a generator.", field="base_model")
     settings = {"steps": steps} if steps else {}
     return [enqueue_job(kind=Job.Kind.TRAIN_GENERATOR, owner=user,
-                        params={"base_model_id": base.id, "method": m, "settings": settings, "space": space})
+                        params={"base_model_id": base.id, "method": m, "settings": settings, "space": space,
+                                "conjunctions": bool(conjunctions),
+                                "conjunction_steps": conjunction_steps or CONJUNCTION_STEPS})
             for m in methods]
 
 
 def _population(base: BaseModel, reporter: JobReporter):
-    """Experts in the dominant layout (params n × D, text embeddings), their references, and the skipped."""
+    """Experts in the dominant layout (params n × D, text embeddings), their references, the skipped,
+    and each expert's texts (expert_texts)."""
     candidates = expert_candidates(base)
     parsed = []
     for index, adapter in enumerate(candidates):
@@ -103,7 +109,7 @@ def _population(base: BaseModel, reporter: JobReporter):
     if not parsed:
         raise ValueError(f"{base.full_name} has no public adapters with descriptions")
     layout = lora_layout.dominant_layout(parsed)
-    experts, skipped, params, texts = [], [], [], []
+    experts, skipped, params, texts, raw_texts = [], [], [], [], []
     for adapter, canonical in zip(candidates, parsed):
         reason = layout.mismatch(canonical)
         if reason:
@@ -112,10 +118,11 @@ def _population(base: BaseModel, reporter: JobReporter):
         experts.append({"adapter_id": adapter.id, "adapter": adapter.full_name,
                         "revision_id": adapter.latest_revision_id, "revision": adapter.latest_revision.number})
         params.append(lora_layout.flatten(canonical, layout))
-        texts.append(embed_texts(expert_texts(adapter.description)))
+        raw_texts.append(expert_texts(adapter.description))
+        texts.append(embed_texts(raw_texts[-1]))
     if len(experts) < MIN_EXPERTS:
         raise ValueError(f"only {len(experts)} adapters share one layout; a generator needs {MIN_EXPERTS}")
-    return layout, experts, skipped, torch.stack(params), texts
+    return layout, experts, skipped, torch.stack(params), texts, raw_texts
 
 
 def runs_in_function_space(base: BaseModel) -> bool:
@@ -142,6 +149,7 @@ def function_probe(base: BaseModel) -> Iterator[FunctionProbe]:
 # (teacher_probabilities), so a cached row is exactly what a fresh run would give.
 TEACHERS_VERSION = 1  # bump when the classifier's forward or teacher_probabilities changes
 TEACHERS_PREFIX = "derived/teachers/"
+CONJUNCTIONS_PREFIX = "derived/conjunctions/"
 
 
 def _teacher_path(base_files: dict[str, str], revision: Revision) -> str:
@@ -183,20 +191,60 @@ def expert_teachers(base: BaseModel, experts: list[dict], params: torch.Tensor, 
     return teacher, {"computed": len(missing), "reused": len(experts) - len(missing)}
 
 
+def derived_conjunctions(base: BaseModel, experts: list[dict], params: torch.Tensor, raw_texts: list[list[str]],
+                         layout, probe: FunctionProbe, teacher: torch.Tensor, reporter: JobReporter,
+                         steps: int = conjunctions.DISTILL_STEPS) -> tuple[list[conjunctions.Conjunction], torch.Tensor]:
+    """The conjunctions of experts no expert covers, distilled into adapters of the layout
+    (generation/conjunctions.py): from blob storage when this population was distilled before
+    (the other method, more steps), else computed and kept. Returns them and their params (m × D)."""
+    from safetensors.torch import load, save
+
+    found = conjunctions.find_conjunctions(teacher, limit=conjunctions.MAX_CONJUNCTIONS)
+    if not found:
+        return [], params.new_zeros((0, params.shape[1]))
+    revisions = Revision.objects.in_bulk([expert["revision_id"] for expert in experts])
+    key = json.dumps([conjunctions.CONJUNCTIONS_VERSION, steps,
+                      sorted((f.filename, f.blob_id) for f in base.files.all()),
+                      [[revisions[experts[i]["revision_id"]].commit for i in c.parents] for c in found]])
+    path = f"{CONJUNCTIONS_PREFIX}{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
+    storage = blob_storage()
+    if storage.exists(path):
+        with storage.open(path, "rb") as handle:
+            cached = load(handle.read()).get("params")
+        if cached is not None and cached.shape == (len(found), params.shape[1]):
+            return found, cached.to(params.dtype)
+    derived = conjunctions.distill_conjunctions(
+        functional.BatchedLoRA(probe, layout), params, teacher, found, steps=steps,
+        progress=lambda step, steps, loss: reporter.progress(
+            0.3 + 0.2 * step / steps, f"distilling {len(found)} conjunctions of experts: step {step}/{steps}"))
+    storage.save(path, ContentFile(save({"params": derived.contiguous()})))
+    return found, derived
+
+
 def train_generator_job(job: Job, reporter: JobReporter) -> dict:
     existing = GeneratorArtifact.objects.filter(job=job).first()
     if existing is not None:  # a redelivered job that already stored its artifact
         return _training_result(existing)
     base = BaseModel.objects.get(id=job.params["base_model_id"])
     method = job.params["method"]
-    layout, experts, skipped, params, texts = _population(base, reporter)
+    layout, experts, skipped, params, texts, raw_texts = _population(base, reporter)
     settings = generators.GeneratorSettings(**job.params.get("settings", {}))
     in_function_space = job.params.get("space") == "function"
-    with function_probe(base) if in_function_space else nullcontext() as probe:
+    # Conjunctions need the base run on its probe texts: asked for, and where the hub can.
+    with_conjunctions = job.params.get("conjunctions", False) and runs_in_function_space(base)
+    found = []
+    with function_probe(base) if in_function_space or with_conjunctions else nullcontext() as probe:
         teacher, teachers = expert_teachers(base, experts, params, layout, probe, reporter) if probe else (None, None)
-        start = 0.3 if probe else 0.1  # after reading the adapters (0.1) and, in function space, the teachers (0.3)
+        if with_conjunctions:
+            found, derived = derived_conjunctions(base, experts, params, raw_texts, layout, probe, teacher, reporter,
+                                                  steps=job.params.get("conjunction_steps", conjunctions.DISTILL_STEPS))
+            params = torch.cat([params, derived])
+            texts = texts + [embed_texts(conjunctions.conjunction_texts(raw_texts, c)) for c in found]
+            teacher = torch.cat([teacher, conjunctions.product_teacher(teacher, found)]) if found else teacher
+        start = 0.5 if with_conjunctions else 0.3 if probe else 0.1  # after the adapters, teachers, conjunctions
         generator, curve = generators.train_generator(
-            method, params, texts, settings, probe=probe, layout=layout, teacher=teacher,
+            method, params, texts, settings, layout=layout,
+            probe=probe if in_function_space else None, teacher=teacher if in_function_space else None,
             progress=lambda fraction, point: reporter.progress(start + (0.95 - start) * fraction,
                                                                f"step {point['step']}: "
                                                                f"validation error {point['validation_error']:.3g}"))
@@ -213,12 +261,15 @@ def train_generator_job(job: Job, reporter: JobReporter) -> dict:
         artifact = GeneratorArtifact.objects.create(
             base_model=base, method=method, version=version, weights=blob, layout=layout.as_json(),
             experts=experts, skipped=skipped, curve=curve, job=job,
-            settings={**generator.settings.__dict__, "space": "function" if generator.functional else "parameter"})
+            settings={**generator.settings.__dict__, "space": "function" if generator.functional else "parameter",
+                      "conjunctions": [{"parents": list(c.parents), "positives": c.positives, "overlap": c.overlap}
+                                       for c in found]})
     return {**_training_result(artifact), **({"teachers": teachers} if teachers else {})}
 
 
 def _training_result(artifact: GeneratorArtifact) -> dict:
     return {"generator": artifact.label, "base_model": artifact.base_model.full_name, "experts": len(artifact.experts),
+            "conjunctions": len(artifact.settings.get("conjunctions", [])),
             "skipped": artifact.skipped, "final": artifact.curve[-1] if artifact.curve else None,
             "bytes": artifact.weights.size}
 
@@ -255,6 +306,17 @@ def request_generation(*, user, description, base_model, method, k=None, visibil
         "k": k, "namespace": namespace, "name": name, "visibility": visibility})
 
 
+def used_expert(artifact: GeneratorArtifact, index: int) -> dict:
+    """A generator's expert by its index in the bank: a real expert, or a derived conjunction
+    (indices past the experts), named by its first parent with the second beside it."""
+    def reference(i):
+        return {k: artifact.experts[i][k] for k in ("adapter", "revision")}
+    if index < len(artifact.experts):
+        return reference(index)
+    first, second = artifact.settings["conjunctions"][index - len(artifact.experts)]["parents"]
+    return {**reference(first), "conjunction_with": reference(second)}
+
+
 @lru_cache(maxsize=8)
 def _load_generator(sha256: str):
     with blobs_on_disk({"generator.safetensors": sha256}) as paths:
@@ -276,8 +338,7 @@ def generate_job(job: Job, reporter: JobReporter) -> dict:
     provenance = {
         "kind": "generation", "job": str(job.id), "method": artifact.method, "generator": artifact.label,
         "generator_id": artifact.id, "description": spec["description"],
-        "experts": [{**{k: artifact.experts[i][k] for k in ("adapter", "revision")}, "weight": round(w, 6)}
-                    for i, w in used],
+        "experts": [{**used_expert(artifact, i), "weight": round(w, 6)} for i, w in used],
     }
     reporter.progress(0.6, "storing the adapter")
     revision = upload_canonical_adapter(

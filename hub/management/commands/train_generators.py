@@ -17,13 +17,16 @@ class Command(BaseCommand):
         parser.add_argument("--steps", type=int, default=None)
         parser.add_argument("--space", choices=SPACES, default="parameter",
                             help="function: train by the base model's outputs on its probe texts")
+        parser.add_argument("--conjunctions", action="store_true",
+                            help="first derive experts for the conjunctions no expert covers (a base the hub can run)")
         parser.add_argument("--background", action="store_true", help="queue the jobs for a worker instead")
 
-    def handle(self, base_model, method, steps, space, background, **options):
+    def handle(self, base_model, method, steps, space, background, conjunctions, **options):
         base: BaseModel = get_base_model(base_model)
         settings = {"steps": steps} if steps else {}
         for name in METHODS if method == "all" else (method,):
-            params = {"base_model_id": base.id, "method": name, "settings": settings, "space": space}
+            params = {"base_model_id": base.id, "method": name, "settings": settings, "space": space,
+                      "conjunctions": conjunctions}
             if background:
                 self.stdout.write(f"queued job {enqueue_job(kind=Job.Kind.TRAIN_GENERATOR, owner=None, params=params).id}")
                 continue
@@ -31,4 +34,5 @@ class Command(BaseCommand):
             if job.state != Job.State.SUCCEEDED:
                 raise SystemExit(f"{name}: training failed: {job.error}")
             self.stdout.write(f"{job.result['generator']}: {job.result['experts']} experts, "
+                              f"{job.result['conjunctions']} derived conjunctions, "
                               f"{len(job.result['skipped'])} skipped, final {job.result['final']}")

@@ -1,0 +1,114 @@
+"""Derived experts: conjunctions of experts that the population does not cover yet,
+distilled into LoRAs of the layout before a generator is trained.
+
+Why: a task like "is this a job title written in Polish" is the conjunction of two
+tasks the population knows ("is this a job title", "is this written in Polish"). Its
+function is the product of the two experts' functions (on the zoo, p(job title) ·
+p(Polish) labels such unseen pairs with 0.95 of their oracle's gain), and no mixture
+of expert *parameters* expresses a product (0.56–0.62 measured, README "Generation").
+So, once per training job and not per request, each missing conjunction is
+distilled into one adapter: the base model is taught to answer like the product of
+the two parents' probabilities on the base's unlabelled probe texts (no labels, no
+user data). The derived adapters join the expert bank with a description made of
+their parents' descriptions, so a request finds them by description like any expert,
+and generation stays a millisecond decode.
+
+Which conjunctions (i < j): for binary detectors (class 1 = "yes", as "is this text
+…?" tasks are), the product's positives on the probes (p_i · p_j > ½) must be
+* alive: at least half as many as the rarest expert's own positives (the conjunction
+  of disjoint tasks, "a job title that is a phone number", is never true), and
+* new: no expert's positives overlap them with Jaccard ≥ `max_overlap` (the product of
+  an expert and one of its supersets, "job title in German" ∧ "job title", is that
+  expert again; a conjunction an expert already covers needs no second adapter).
+The most frequent first, at most `limit`.
+
+Pure torch; no Django.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .functional import BatchedLoRA, StratifiedProbes, distillation_loss, split_factors
+
+POSITIVE_CLASS = 1
+MAX_CONJUNCTIONS = 64  # derived experts per training job: bounds its distillation time
+DISTILL_STEPS = 100
+CONJUNCTIONS_VERSION = 1  # bump when find_conjunctions or distill_conjunctions changes what it returns
+
+
+@dataclass(frozen=True)
+class Conjunction:
+    parents: tuple[int, int]  # expert indices, i < j
+    positives: int  # probe texts the product calls positive
+    overlap: float  # largest Jaccard overlap of those positives with any expert's
+
+
+def find_conjunctions(teacher: torch.Tensor, *, limit: int = 64, max_overlap: float = 0.5) -> list[Conjunction]:
+    """teacher: the experts' class probabilities on the probes (n × T × 2). Returns the
+    alive, new conjunctions (module docstring), most positives first."""
+    if teacher.ndim != 3 or teacher.shape[-1] != 2 or teacher.shape[0] < 2:
+        return []  # conjunctions are defined for two or more binary detectors
+    yes = teacher[..., POSITIVE_CLASS].float()  # n × T
+    expert_positive = (yes > 0.5).float()
+    counts = expert_positive.sum(-1)
+    alive_at = max(1.0, 0.5 * float(counts[counts > 0].min())) if bool((counts > 0).any()) else float("inf")
+    n = yes.shape[0]
+    i, j = torch.triu_indices(n, n, offset=1)
+    product_positive = ((yes[i] * yes[j]) > 0.5).float()  # pairs × T
+    sizes = product_positive.sum(-1)
+    intersections = product_positive @ expert_positive.T  # pairs × n
+    unions = sizes[:, None] + counts[None, :] - intersections
+    overlap = (intersections / unions.clamp(min=1)).max(-1).values
+    keep = (sizes >= alive_at) & (overlap < max_overlap)
+    found = [Conjunction((int(a), int(b)), int(s), round(float(o), 4))
+             for a, b, s, o, k in zip(i, j, sizes, overlap, keep) if bool(k)]
+    found.sort(key=lambda c: (-c.positives, c.parents))
+    return found[:limit]
+
+
+def product_teacher(teacher: torch.Tensor, conjunctions: list[Conjunction]) -> torch.Tensor:
+    """Each conjunction's probabilities on the probes (m × T × 2): yes = p_i(yes) · p_j(yes)."""
+    yes = torch.stack([teacher[a, :, POSITIVE_CLASS] * teacher[b, :, POSITIVE_CLASS]
+                       for a, b in (c.parents for c in conjunctions)])
+    return torch.stack([1 - yes, yes], -1)
+
+
+def conjunction_texts(texts: list[list[str]], conjunction: Conjunction) -> list[str]:
+    """The derived expert's description and paraphrases: its parents' side by side
+    (a sentence encoder embeds "Is this text a job title? Is this text written in
+    Polish?" at cosine 0.99 with "Is this text a job title written in Polish?")."""
+    first, second = (texts[p] for p in conjunction.parents)
+    return [f"{a} {b}" for a, b in zip(first, second)]
+
+
+def distill_conjunctions(runner: BatchedLoRA, params: torch.Tensor, teacher: torch.Tensor,
+                         conjunctions: list[Conjunction], *, steps: int = DISTILL_STEPS, probes_per_task: int = 32,
+                         learning_rate: float = 2e-3, seed: int = 0,
+                         progress: Callable[[int, int, float], None] | None = None) -> torch.Tensor:
+    """One LoRA per conjunction (m × D, the layout's flat order), trained together: each
+    starts at its parents' mean and is taught the product of their probabilities on
+    probes drawn class by class of the product's own predictions (a conjunction's
+    positives are rare). progress(step, steps, loss)."""
+    if not conjunctions:
+        return params.new_zeros((0, params.shape[1]))
+    targets = product_teacher(teacher, conjunctions)
+    parents = torch.tensor([c.parents for c in conjunctions])
+    derived = params[parents].float().mean(1).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([derived], lr=learning_rate)
+    probes = StratifiedProbes(targets, seed)
+    texts = runner.probe.texts
+    for step in range(steps):
+        drawn = [(m, probe) for m in range(len(conjunctions)) for probe in probes.draw(m, probes_per_task)]
+        owner = torch.tensor([m for m, _ in drawn])
+        rows = torch.tensor([probe for _, probe in drawn])
+        factors = [(A[owner], B[owner]) for A, B in split_factors(derived, runner.layout)]
+        loss = distillation_loss(runner.logits([texts[p] for p in rows.tolist()], factors), targets[owner, rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if progress:
+            progress(step + 1, steps, loss.item())
+    return derived.detach().to(params.dtype)
