@@ -17,6 +17,10 @@ the generators' storage as a fraction of the zoo's training adapters.
                                          [--space function|parameter] [--methods sg-lora icm-lora]
 --space function trains the generators as the hub does when asked for space=function (the
 zoo's base carries probe texts); the experts' teacher outputs are computed once and shared.
+--conjunctions first adds the derived conjunction experts (generation/conjunctions.py), as the
+hub does when training is asked with conjunctions=true; nearest and average stay over the real
+experts (the peers), and each task line also says which bank entry the generators ranked first.
+--teacher-cache FILE keeps the experts' teacher outputs (safetensors) between runs.
 Builds (or finishes) the zoo first if needed (resumable, ~40 s per adapter on 2 cores).
 """
 from __future__ import annotations
@@ -35,8 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
-from generation import functional, generators, lora_layout  # noqa: E402
+from generation import conjunctions, functional, generators, lora_layout  # noqa: E402
 from generation.text_encoder import embed_texts  # noqa: E402
 from generation.zoo import model as zoo_model  # noqa: E402
 from generation.zoo.build import PROBE_TEXTS, build_zoo  # noqa: E402
@@ -55,6 +61,17 @@ def averaged(adapters, weights):
     return composed
 
 
+def cached_teacher(path: Path | None, slugs: list[str], probes: int) -> torch.Tensor | None:
+    """The teacher kept by an earlier run for these experts (in this order) and probe count."""
+    if path is None or not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        if json.loads((handle.metadata() or {}).get("experts", "[]")) != slugs:
+            return None
+        teacher = handle.get_tensor("teacher")
+    return teacher if teacher.shape[1] == probes else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=None)
@@ -66,6 +83,13 @@ def main() -> None:
     parser.add_argument("--space", choices=("parameter", "function"), default="parameter",
                         help="where the generators learn: parameter space (the hub's default) or function space "
                              "(POST /api/v1/generators/ with space=function)")
+    parser.add_argument("--conjunctions", action="store_true",
+                        help="add derived conjunction experts before training (hub: conjunctions=true)")
+    parser.add_argument("--max-conjunctions", type=int, default=conjunctions.MAX_CONJUNCTIONS)
+    parser.add_argument("--conjunction-steps", type=int, default=conjunctions.DISTILL_STEPS)
+    parser.add_argument("--conjunction-probes", type=int, default=32, help="probe texts per conjunction and step")
+    parser.add_argument("--teacher-cache", type=Path, default=None,
+                        help="safetensors file for the experts' teacher outputs (computed when missing)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("QUIVER_BENCH_THREADS", 2)))
     zoo_dir = args.zoo or ROOT / "var" / "zoo" / args.size
@@ -82,16 +106,40 @@ def main() -> None:
         settings.steps = args.steps
     probe = teacher = None
     teacher_seconds = 0.0
-    if args.space == "function":  # as the hub trains them on a base model it can run
+    if args.space == "function" or args.conjunctions:  # as the hub trains them on a base model it can run
         probe = zoo_model.function_probe(zoo_dir / "base", read_probe_texts(zoo_dir / "base" / PROBE_TEXTS))
         started = time.perf_counter()
-        teacher = functional.teacher_probabilities(functional.BatchedLoRA(probe, layout), params)
+        slugs = [task.slug for task, _ in experts]
+        teacher = cached_teacher(args.teacher_cache, slugs, len(probe.texts))
+        if teacher is None:
+            teacher = functional.teacher_probabilities(functional.BatchedLoRA(probe, layout), params)
+            if args.teacher_cache:
+                save_file({"teacher": teacher.contiguous()}, str(args.teacher_cache), {"experts": json.dumps(slugs)})
         teacher_seconds = time.perf_counter() - started  # once here; each training job pays it
+    derived_names: list[str] = []
+    if args.conjunctions:
+        started = time.perf_counter()
+        found = conjunctions.find_conjunctions(teacher, limit=args.max_conjunctions)
+        derived = conjunctions.distill_conjunctions(functional.BatchedLoRA(probe, layout), params, teacher, found,
+                                                    steps=args.conjunction_steps,
+                                                    probes_per_task=args.conjunction_probes)
+        derived_names = ["+".join(experts[i][0].slug for i in c.parents) for c in found]
+        print(json.dumps({"bench": "generation_conjunctions", "n": len(found), "steps": args.conjunction_steps,
+                          "probes_per_step": args.conjunction_probes,
+                          "seconds": round(time.perf_counter() - started, 1),
+                          "conjunctions": [{"parents": name, "positives": c.positives, "overlap": c.overlap}
+                                           for name, c in zip(derived_names, found)]}), flush=True)
+        raw = [list(task.texts) for task, _ in experts]
+        texts = texts + [embed_texts(conjunctions.conjunction_texts(raw, c)) for c in found]
+        params = torch.cat([params, derived])
+        teacher = torch.cat([teacher, conjunctions.product_teacher(teacher, found)]) if found else teacher
+    training_probe = probe if args.space == "function" else None
     trained, train_seconds, storage = {}, {}, {}
     for method in args.methods:
         started = time.perf_counter()
-        trained[method], curve = generators.train_generator(method, params, texts, settings, probe=probe,
-                                                            layout=layout, teacher=teacher)
+        trained[method], curve = generators.train_generator(
+            method, params, texts, settings, probe=training_probe, layout=layout,
+            teacher=teacher if training_probe is not None else None)
         train_seconds[method] = time.perf_counter() - started + teacher_seconds
         if args.per_task:
             print(json.dumps({"bench": "generation_curve", "method": method, "curve": curve}), flush=True)
@@ -101,11 +149,13 @@ def main() -> None:
     zoo_bytes = sum((zoo_dir / "adapters" / task.slug / "adapter_model.safetensors").stat().st_size for task, _ in experts)
 
     scorer = AdapterScorer(zoo_dir / "base")
-    bank = trained["sg-lora"].bank
+    bank = trained[args.methods[0]].bank
+    real_tasks = bank.task_embeddings[: len(experts)]  # the peers rank real experts only, never derived ones
     rows = []
     for task, oracle in held_out:
         query = embed_texts([task.description])[0]
-        index = bank.neighbours(query[None], args.k, settings.temperature)[0][0].tolist()
+        index = (real_tasks @ query).topk(min(args.k, len(experts))).indices.tolist()
+        ranked_first = bank.neighbours(query[None], 1, settings.temperature)[0][0, 0].item()
         top = [experts[i][1] for i in index]
         candidates = {"base": None, "nearest": top[0], "average": averaged(top, [1 / len(top)] * len(top)),
                       "oracle": oracle}
@@ -114,7 +164,9 @@ def main() -> None:
             candidates[method] = lora_layout.unflatten(vector, layout)
         accuracy = {method: scorer.accuracy(task, adapter) for method, adapter in candidates.items()}
         rows.append({"task": task.slug, "split": task.split, "accuracy": accuracy,
-                     "nearest_expert": experts[index[0]][0].slug})
+                     "nearest_expert": experts[index[0]][0].slug,
+                     "ranked_first": experts[ranked_first][0].slug if ranked_first < len(experts)
+                     else "conjunction:" + derived_names[ranked_first - len(experts)]})
         if args.per_task:
             print(json.dumps({"bench": "generation_task", **rows[-1]}), flush=True)
 
