@@ -191,9 +191,9 @@ def expert_teachers(base: BaseModel, experts: list[dict], params: torch.Tensor, 
     return teacher, {"computed": len(missing), "reused": len(experts) - len(missing)}
 
 
-def derived_conjunctions(base: BaseModel, experts: list[dict], params: torch.Tensor, raw_texts: list[list[str]],
-                         layout, probe: FunctionProbe, teacher: torch.Tensor, reporter: JobReporter,
-                         steps: int = conjunctions.DISTILL_STEPS) -> tuple[list[conjunctions.Conjunction], torch.Tensor]:
+def derived_conjunctions(base: BaseModel, experts: list[dict], params: torch.Tensor, layout, probe: FunctionProbe,
+                         teacher: torch.Tensor, reporter: JobReporter, steps: int = conjunctions.DISTILL_STEPS,
+                         ) -> tuple[list[conjunctions.Conjunction], torch.Tensor]:
     """The conjunctions of experts no expert covers, distilled into adapters of the layout
     (generation/conjunctions.py): from blob storage when this population was distilled before
     (the other method, more steps), else computed and kept. Returns them and their params (m × D)."""
@@ -236,7 +236,7 @@ def train_generator_job(job: Job, reporter: JobReporter) -> dict:
     with function_probe(base) if in_function_space or with_conjunctions else nullcontext() as probe:
         teacher, teachers = expert_teachers(base, experts, params, layout, probe, reporter) if probe else (None, None)
         if with_conjunctions:
-            found, derived = derived_conjunctions(base, experts, params, raw_texts, layout, probe, teacher, reporter,
+            found, derived = derived_conjunctions(base, experts, params, layout, probe, teacher, reporter,
                                                   steps=job.params.get("conjunction_steps", conjunctions.DISTILL_STEPS))
             params = torch.cat([params, derived])
             texts = texts + [embed_texts(conjunctions.conjunction_texts(raw_texts, c)) for c in found]
