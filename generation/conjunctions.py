@@ -46,7 +46,7 @@ class Conjunction:
     overlap: float  # largest Jaccard overlap of those positives with any expert's
 
 
-def find_conjunctions(teacher: torch.Tensor, *, limit: int = 64, max_overlap: float = 0.5) -> list[Conjunction]:
+def find_conjunctions(teacher: torch.Tensor, *, limit: int = MAX_CONJUNCTIONS, max_overlap: float = 0.5) -> list[Conjunction]:
     """teacher: the experts' class probabilities on the probes (n × T × 2). Returns the
     alive, new conjunctions (module docstring), most positives first."""
     if teacher.ndim != 3 or teacher.shape[-1] != 2 or teacher.shape[0] < 2:
@@ -103,9 +103,9 @@ def distill_conjunctions(runner: BatchedLoRA, params: torch.Tensor, teacher: tor
     for step in range(steps):
         drawn = [(m, probe) for m in range(len(conjunctions)) for probe in probes.draw(m, probes_per_task)]
         owner = torch.tensor([m for m, _ in drawn])
-        rows = torch.tensor([probe for _, probe in drawn])
+        rows = [probe for _, probe in drawn]
         factors = [(A[owner], B[owner]) for A, B in split_factors(derived, runner.layout)]
-        loss = distillation_loss(runner.logits([texts[p] for p in rows.tolist()], factors), targets[owner, rows])
+        loss = distillation_loss(runner.logits([texts[p] for p in rows], factors), targets[owner, torch.tensor(rows)])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -12,8 +12,9 @@ tl.dot(B_cat tile, A_cat tile) over R in float32, loads the W tile, adds it
 even; for bf16 done with integer ops, see the kernel). W is read once and
 written once; the factors are tiny (R ≪ in), so the kernel should be bound by
 the bandwidth of W's bytes (on an H200 it reaches half of a device copy's:
-docs/gpu-merge-kernel.md has the measurements and what is left to try). `out` may be `weight` (in-place): a tile is read
-before it is written and no tile reads another's.
+docs/gpu-merge-kernel.md has the measurements and what is left to try).
+`out` may be `weight` (in-place): a tile is read before it is written and no
+tile reads another's.
 
 Numerics against kernels.merge_reference: the reference rounds B@A to
 float32 and then multiplies by s, per adapter; here s is folded into B and

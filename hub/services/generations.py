@@ -199,7 +199,7 @@ def derived_conjunctions(base: BaseModel, experts: list[dict], params: torch.Ten
     (the other method, more steps), else computed and kept. Returns them and their params (m × D)."""
     from safetensors.torch import load, save
 
-    found = conjunctions.find_conjunctions(teacher, limit=conjunctions.MAX_CONJUNCTIONS)
+    found = conjunctions.find_conjunctions(teacher)
     if not found:
         return [], params.new_zeros((0, params.shape[1]))
     revisions = Revision.objects.in_bulk([expert["revision_id"] for expert in experts])
