@@ -166,7 +166,9 @@ def main() -> None:
         rows.append({"task": task.slug, "split": task.split, "accuracy": accuracy,
                      "nearest_expert": experts[index[0]][0].slug,
                      "ranked_first": experts[ranked_first][0].slug if ranked_first < len(experts)
-                     else "conjunction:" + derived_names[ranked_first - len(experts)]})
+                     else "conjunction:" + derived_names[ranked_first - len(experts)],
+                     # the bank entry alone (a derived conjunction's own quality, when it ranks first)
+                     "ranked_first_accuracy": scorer.accuracy(task, lora_layout.unflatten(params[ranked_first], layout))})
         if args.per_task:
             print(json.dumps({"bench": "generation_task", **rows[-1]}), flush=True)
 

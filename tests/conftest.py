@@ -36,7 +36,7 @@ def demo_files():
 
 @pytest.fixture(scope="session")
 def small_zoo():
-    """The small LoRA zoo (13 tasks, real PEFT training), built once and kept under var/test
+    """The small LoRA zoo (16 tasks, real PEFT training), built once and kept under var/test
     (a rerun resumes or reuses it): its folder."""
     import torch
 

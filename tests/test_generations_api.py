@@ -39,7 +39,7 @@ def test_generated_adapter_loads_with_peft_and_beats_the_base(trained, small_zoo
 
     listed = client_for().get("/api/v1/generators/", {"base_model": BASE}).json()
     assert {g["method"] for g in listed} == {"sg-lora", "icm-lora"}
-    assert all(len(g["experts"]) == 11 and g["curve"][0]["step"] == 0 for g in listed)
+    assert all(len(g["experts"]) == 14 and g["curve"][0]["step"] == 0 for g in listed)
     assert all(g["settings"]["space"] == "parameter" for g in listed)  # the default
 
     task = _held_out(small_zoo, "unseen_pair")
@@ -140,9 +140,9 @@ def test_function_space_training_runs_the_stored_base_on_its_probe_texts(zoo_reg
     artifact, result = train()
     assert artifact.settings["space"] == "function" and artifact.settings["steps"] == 20
     assert [point["step"] for point in artifact.curve] == [0, 20]
-    assert len(artifact.experts) == 11 and result["teachers"] == {"computed": 11, "reused": 0}
+    assert len(artifact.experts) == 14 and result["teachers"] == {"computed": 14, "reused": 0}
     again, result = train()
-    assert again.version == artifact.version + 1 and result["teachers"] == {"computed": 0, "reused": 11}
+    assert again.version == artifact.version + 1 and result["teachers"] == {"computed": 0, "reused": 14}
     assert again.curve == artifact.curve  # the reused outputs are the computed ones, to the bit
 
 
@@ -171,7 +171,7 @@ def test_training_with_conjunctions_derives_experts_and_generation_names_their_p
 
     artifact = train()
     found = artifact.settings["conjunctions"]
-    assert found and artifact.job.result["conjunctions"] == len(found) and len(artifact.experts) == 11
+    assert found and artifact.job.result["conjunctions"] == len(found) and len(artifact.experts) == 14
     assert all(0 <= a < b < len(artifact.experts) for a, b in (c["parents"] for c in found))
     cached = storage.listdir(CONJUNCTIONS_PREFIX)[1]
     assert len(cached) == 1

@@ -299,7 +299,7 @@ def test_generate_an_adapter_from_a_description_then_read_its_provenance(zoo_reg
     page.get_by_role("link", name="Generate", exact=True).click()
 
     generators = page.get_by_role("region", name="Generators")
-    assert re.search(r"zoo/minilm-task-classifier\s+sg-lora@v1\s+11\b", generators.inner_text())
+    assert re.search(r"zoo/minilm-task-classifier\s+sg-lora@v1\s+14\b", generators.inner_text())
     page.get_by_label("Describe the task").fill("Is this text a job title written in Polish?")
     page.get_by_label("Base model").select_option(base)
     page.get_by_role("radio", name=re.compile(r"^SG-LoRA: mixes the expert adapters")).check()

@@ -50,7 +50,7 @@ def test_task_data_is_seeded_balanced_and_split():
 
 def test_small_zoo_trains_every_adapter_and_resumes(small_zoo):
     manifest = load_manifest(small_zoo)
-    assert manifest["size"] == "small" and len(manifest["tasks"]) == 13
+    assert manifest["size"] == "small" and len(manifest["tasks"]) == 16
     for entry in manifest["tasks"]:
         metrics = entry["metrics"]
         assert metrics["accuracy"] >= metrics["base_accuracy"] + 0.15, entry["task"]["slug"]
@@ -61,7 +61,7 @@ def test_small_zoo_trains_every_adapter_and_resumes(small_zoo):
     shutil.rmtree(adapter_dir(small_zoo, victim))
     adapter_dir(small_zoo, victim).with_name(victim.slug + ".partial").mkdir()
     rebuilt = build_zoo(small_zoo, "small", progress=False)
-    assert len(rebuilt["tasks"]) == 13
+    assert len(rebuilt["tasks"]) == 16
     assert (adapter_dir(small_zoo, victim) / "adapter_model.safetensors").exists()
     assert not adapter_dir(small_zoo, victim).with_name(victim.slug + ".partial").exists()
     for slug, mtime in others.items():  # nothing else was retrained

@@ -9,7 +9,7 @@ from hub.services.catalog import seed_catalog
 
 
 class Command(BaseCommand):
-    help = ("Train the LoRA zoo's task adapters (full: 75 tasks, ~40 s each on 2 cores; small: 13 tasks for tests), "
+    help = ("Train the LoRA zoo's task adapters (full: 75 tasks, ~40 s each on 2 cores; small: 16 tasks for tests), "
             "then register the base model and the training experts in the hub.")
 
     def add_arguments(self, parser):
