@@ -20,7 +20,8 @@ zoo's base carries probe texts); the experts' teacher outputs are computed once 
 --conjunctions first adds the derived conjunction experts (generation/conjunctions.py), as the
 hub does when training is asked with conjunctions=true; nearest and average stay over the real
 experts (the peers), and each task line also says which bank entry the generators ranked first.
---teacher-cache FILE keeps the experts' teacher outputs (safetensors) between runs.
+--teacher-cache FILE keeps the experts' teacher outputs (safetensors) between runs, and
+--conjunction-cache FILE the distilled conjunctions.
 Builds (or finishes) the zoo first if needed (resumable, ~40 s per adapter on 2 cores).
 """
 from __future__ import annotations
@@ -61,15 +62,19 @@ def averaged(adapters, weights):
     return composed
 
 
-def cached_teacher(path: Path | None, slugs: list[str], probes: int) -> torch.Tensor | None:
-    """The teacher kept by an earlier run for these experts (in this order) and probe count."""
+def cached(path: Path | None, key: dict) -> torch.Tensor | None:
+    """The tensor an earlier run kept in `path` for the same key (experts, settings), else None."""
     if path is None or not path.exists():
         return None
     with safe_open(str(path), framework="pt") as handle:
-        if json.loads((handle.metadata() or {}).get("experts", "[]")) != slugs:
+        if (handle.metadata() or {}).get("key") != json.dumps(key, sort_keys=True):
             return None
-        teacher = handle.get_tensor("teacher")
-    return teacher if teacher.shape[1] == probes else None
+        return handle.get_tensor("value")
+
+
+def keep(path: Path | None, key: dict, value: torch.Tensor) -> None:
+    if path is not None:
+        save_file({"value": value.contiguous()}, str(path), {"key": json.dumps(key, sort_keys=True)})
 
 
 def main() -> None:
@@ -90,6 +95,8 @@ def main() -> None:
     parser.add_argument("--conjunction-probes", type=int, default=32, help="probe texts per conjunction and step")
     parser.add_argument("--teacher-cache", type=Path, default=None,
                         help="safetensors file for the experts' teacher outputs (computed when missing)")
+    parser.add_argument("--conjunction-cache", type=Path, default=None,
+                        help="safetensors file for the distilled conjunctions (distilled when missing or stale)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("QUIVER_BENCH_THREADS", 2)))
     zoo_dir = args.zoo or ROOT / "var" / "zoo" / args.size
@@ -110,20 +117,25 @@ def main() -> None:
         probe = zoo_model.function_probe(zoo_dir / "base", read_probe_texts(zoo_dir / "base" / PROBE_TEXTS))
         started = time.perf_counter()
         slugs = [task.slug for task, _ in experts]
-        teacher = cached_teacher(args.teacher_cache, slugs, len(probe.texts))
+        teacher_key = {"experts": slugs, "probes": len(probe.texts)}
+        teacher = cached(args.teacher_cache, teacher_key)
         if teacher is None:
             teacher = functional.teacher_probabilities(functional.BatchedLoRA(probe, layout), params)
-            if args.teacher_cache:
-                save_file({"teacher": teacher.contiguous()}, str(args.teacher_cache), {"experts": json.dumps(slugs)})
+            keep(args.teacher_cache, teacher_key, teacher)
         teacher_seconds = time.perf_counter() - started  # once here; each training job pays it
     derived_names: list[str] = []
     if args.conjunctions:
         started = time.perf_counter()
         found = conjunctions.find_conjunctions(teacher, limit=args.max_conjunctions)
-        derived = conjunctions.distill_conjunctions(functional.BatchedLoRA(probe, layout), params, teacher, found,
-                                                    steps=args.conjunction_steps,
-                                                    probes_per_task=args.conjunction_probes)
         derived_names = ["+".join(experts[i][0].slug for i in c.parents) for c in found]
+        derived_key = {"conjunctions": derived_names, "steps": args.conjunction_steps,
+                       "probes": args.conjunction_probes, "version": conjunctions.CONJUNCTIONS_VERSION}
+        derived = cached(args.conjunction_cache, derived_key)
+        if derived is None:
+            derived = conjunctions.distill_conjunctions(functional.BatchedLoRA(probe, layout), params, teacher, found,
+                                                        steps=args.conjunction_steps,
+                                                        probes_per_task=args.conjunction_probes)
+            keep(args.conjunction_cache, derived_key, derived)
         print(json.dumps({"bench": "generation_conjunctions", "n": len(found), "steps": args.conjunction_steps,
                           "probes_per_step": args.conjunction_probes,
                           "seconds": round(time.perf_counter() - started, 1),
