@@ -27,6 +27,7 @@ Builds (or finishes) the zoo first if needed (resumable, ~40 s per adapter on 2 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 import json
@@ -62,19 +63,17 @@ def averaged(adapters, weights):
     return composed
 
 
-def cached(path: Path | None, key: dict) -> torch.Tensor | None:
-    """The tensor an earlier run kept in `path` for the same key (experts, settings), else None."""
-    if path is None or not path.exists():
-        return None
-    with safe_open(str(path), framework="pt") as handle:
-        if (handle.metadata() or {}).get("key") != json.dumps(key, sort_keys=True):
-            return None
-        return handle.get_tensor("value")
-
-
-def keep(path: Path | None, key: dict, value: torch.Tensor) -> None:
+def cached(path: Path | None, key: dict, compute) -> torch.Tensor:
+    """The tensor an earlier run kept in `path` for the same key, else compute() (kept there)."""
+    stamp = json.dumps(key, sort_keys=True)
+    if path is not None and path.exists():
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("key") == stamp:
+                return handle.get_tensor("value")
+    value = compute()
     if path is not None:
-        save_file({"value": value.contiguous()}, str(path), {"key": json.dumps(key, sort_keys=True)})
+        save_file({"value": value.contiguous()}, str(path), {"key": stamp})
+    return value
 
 
 def main() -> None:
@@ -106,6 +105,7 @@ def main() -> None:
     held_out = zoo_adapters(zoo_dir, ("unseen_pair", "unseen_part"))
     layout = lora_layout.dominant_layout([adapter for _, adapter in experts])
     params = torch.stack([lora_layout.flatten(adapter, layout) for _, adapter in experts])
+    weights_digest = hashlib.sha256(params.float().numpy().tobytes()).hexdigest()  # a rebuilt zoo invalidates caches
     texts = [embed_texts(list(task.texts)) for task, _ in experts]
 
     settings = generators.GeneratorSettings(k=args.k)
@@ -117,25 +117,19 @@ def main() -> None:
         probe = zoo_model.function_probe(zoo_dir / "base", read_probe_texts(zoo_dir / "base" / PROBE_TEXTS))
         started = time.perf_counter()
         slugs = [task.slug for task, _ in experts]
-        teacher_key = {"experts": slugs, "probes": len(probe.texts)}
-        teacher = cached(args.teacher_cache, teacher_key)
-        if teacher is None:
-            teacher = functional.teacher_probabilities(functional.BatchedLoRA(probe, layout), params)
-            keep(args.teacher_cache, teacher_key, teacher)
+        teacher = cached(args.teacher_cache, {"experts": slugs, "weights": weights_digest, "probes": len(probe.texts)},
+                         lambda: functional.teacher_probabilities(functional.BatchedLoRA(probe, layout), params))
         teacher_seconds = time.perf_counter() - started  # once here; each training job pays it
     derived_names: list[str] = []
     if args.conjunctions:
         started = time.perf_counter()
         found = conjunctions.find_conjunctions(teacher, limit=args.max_conjunctions)
         derived_names = ["+".join(experts[i][0].slug for i in c.parents) for c in found]
-        derived_key = {"conjunctions": derived_names, "steps": args.conjunction_steps,
+        derived_key = {"conjunctions": derived_names, "weights": weights_digest, "steps": args.conjunction_steps,
                        "probes": args.conjunction_probes, "version": conjunctions.CONJUNCTIONS_VERSION}
-        derived = cached(args.conjunction_cache, derived_key)
-        if derived is None:
-            derived = conjunctions.distill_conjunctions(functional.BatchedLoRA(probe, layout), params, teacher, found,
-                                                        steps=args.conjunction_steps,
-                                                        probes_per_task=args.conjunction_probes)
-            keep(args.conjunction_cache, derived_key, derived)
+        derived = cached(args.conjunction_cache, derived_key, lambda: conjunctions.distill_conjunctions(
+            functional.BatchedLoRA(probe, layout), params, teacher, found,
+            steps=args.conjunction_steps, probes_per_task=args.conjunction_probes))
         print(json.dumps({"bench": "generation_conjunctions", "n": len(found), "steps": args.conjunction_steps,
                           "probes_per_step": args.conjunction_probes,
                           "seconds": round(time.perf_counter() - started, 1),
