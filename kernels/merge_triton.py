@@ -77,16 +77,20 @@ def _lora_merge_kernel(
     tile_mask = mask_m[:, None] & mask_n[None, :]
     w = tl.load(w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn, mask=tile_mask, other=0.0)
 
-    delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if OUTER:
-        # R outer products (a column of B times a row of A, float32 FMAs) in W's own
-        # register layout: no tl.dot, so no trip of the operands through shared memory
-        # and no layout change between the product and W's tile.
+        # R outer products (float32 FMAs) accumulated straight onto W's tile, with B's and
+        # A's entries loaded as broadcast 2-D tiles in W's own register layout: the compiled
+        # kernel then has no layout conversion and no shared memory at all (compiled for
+        # sm_90: a zeros accumulator or 1-D row loads each cost a trip through shared memory).
+        acc = w.to(tl.float32)
+        zero_m = offs_m[:, None] * 0
+        zero_n = offs_n[None, :] * 0
         for r in range(0, R):
-            b_col = tl.load(b_ptr + offs_m * stride_bm + r * stride_br, mask=mask_m, other=0.0)
-            a_row = tl.load(a_ptr + r * stride_ar + offs_n * stride_an, mask=mask_n, other=0.0)
-            delta += b_col[:, None] * a_row[None, :]
+            b = tl.load(b_ptr + offs_m[:, None] * stride_bm + r * stride_br + zero_n, mask=tile_mask, other=0.0)
+            a = tl.load(a_ptr + r * stride_ar + offs_n[None, :] * stride_an + zero_m, mask=tile_mask, other=0.0)
+            acc += b * a
     else:
+        delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):  # tl.dot, BLOCK_R of R at a time
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
@@ -99,7 +103,8 @@ def _lora_merge_kernel(
                 mask=mask_r[:, None] & mask_n[None, :], other=0.0,
             )
             delta += tl.dot(b, a, input_precision=INPUT_PRECISION)
-    result = _to_output(delta + w.to(tl.float32), out_ptr, OUT_BF16)
+        acc = delta + w.to(tl.float32)
+    result = _to_output(acc, out_ptr, OUT_BF16)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, result, mask=tile_mask)
 
 
@@ -137,9 +142,10 @@ def merge_lora_triton(
     """W + Σ sᵢ·Bᵢ·Aᵢ in one fused kernel launch, in W's dtype (or out's).
 
     schedule: "tile" (the product by tl.dot, BLOCK_R of R at a time) or "outer" (R
-    outer products in float32 FMAs; input_precision does not apply; not yet timed on a
-    GPU, see docs/gpu-merge-kernel.md). Tile sizes: the fastest exact (ieee) setting
-    measured on an H200 across Llama shapes (same page).
+    outer products in float32 FMAs; input_precision does not apply; no shared memory and no
+    layout conversion when compiled; not yet timed on a GPU, see docs/gpu-merge-kernel.md).
+    Tile sizes: the fastest exact (ieee) setting measured on an H200 across Llama shapes
+    (same page).
     Block sizes must be powers of two ≥ 16 (tl.dot's minimum)."""
     check_merge_inputs(weight, Bs, As, scales)
     if not weight.is_cuda and not is_interpreted():
