@@ -20,6 +20,9 @@ zoo's base carries probe texts); the experts' teacher outputs are computed once 
 --conjunctions first adds the derived conjunction experts (generation/conjunctions.py), as the
 hub does when training is asked with conjunctions=true; nearest and average stay over the real
 experts (the peers), and each task line also says which bank entry the generators ranked first.
+Where the base runs (--space function or --conjunctions) the prior's temperature is chosen by
+function as the hub chooses it (generators.select_temperature; one generation_temperature line per
+method), unless --temperature fixes it.
 --teacher-cache FILE keeps the experts' teacher outputs (safetensors) between runs, and
 --conjunction-cache FILE the distilled conjunctions.
 Builds (or finishes) the zoo first if needed (resumable, ~40 s per adapter on 2 cores).
@@ -81,6 +84,8 @@ def main() -> None:
     parser.add_argument("--zoo", type=Path, default=None)
     parser.add_argument("--size", choices=("full", "small"), default="full")
     parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="the prior's softmax τ (default: chosen by function where the base runs, as the hub does)")
     parser.add_argument("--steps", type=int, default=None, help="generator training steps (default: the generator's)")
     parser.add_argument("--per-task", action="store_true", help="also print one line per task")
     parser.add_argument("--methods", nargs="+", choices=generators.METHODS, default=list(generators.METHODS))
@@ -108,7 +113,7 @@ def main() -> None:
     weights_digest = hashlib.sha256(params.float().numpy().tobytes()).hexdigest()  # a rebuilt zoo invalidates caches
     texts = [embed_texts(list(task.texts)) for task, _ in experts]
 
-    settings = generators.GeneratorSettings(k=args.k)
+    settings = generators.GeneratorSettings(k=args.k, temperature=args.temperature)
     if args.steps:
         settings.steps = args.steps
     probe = teacher = None
@@ -121,6 +126,7 @@ def main() -> None:
                          lambda: functional.teacher_probabilities(functional.BatchedLoRA(probe, layout), params))
         teacher_seconds = time.perf_counter() - started  # once here; each training job pays it
     derived_names: list[str] = []
+    found: list[conjunctions.Conjunction] = []
     if args.conjunctions:
         started = time.perf_counter()
         found = conjunctions.find_conjunctions(teacher, limit=args.max_conjunctions)
@@ -139,14 +145,16 @@ def main() -> None:
         texts = texts + [embed_texts(conjunctions.conjunction_texts(raw, c)) for c in found]
         params = torch.cat([params, derived])
         teacher = torch.cat([teacher, conjunctions.product_teacher(teacher, found)]) if found else teacher
-    training_probe = probe if args.space == "function" else None
     trained, train_seconds, storage = {}, {}, {}
     for method in args.methods:
         started = time.perf_counter()
         trained[method], curve = generators.train_generator(
-            method, params, texts, settings, probe=training_probe, layout=layout,
-            teacher=teacher if training_probe is not None else None)
+            method, params, texts, settings, probe=probe, layout=layout, teacher=teacher, space=args.space,
+            parents=conjunctions.bank_parents(len(experts), found))
         train_seconds[method] = time.perf_counter() - started + teacher_seconds
+        print(json.dumps({"bench": "generation_temperature", "method": method,
+                          "temperature": trained[method].settings.temperature,
+                          "selection": trained[method].temperature_selection}), flush=True)
         if args.per_task:
             print(json.dumps({"bench": "generation_curve", "method": method, "curve": curve}), flush=True)
         buffer = io.BytesIO()
@@ -161,7 +169,7 @@ def main() -> None:
     for task, oracle in held_out:
         query = embed_texts([task.description])[0]
         index = (real_tasks @ query).topk(min(args.k, len(experts))).indices.tolist()
-        ranked_first = bank.neighbours(query[None], 1, settings.temperature)[0][0, 0].item()
+        ranked_first = int((bank.task_embeddings @ query).argmax())
         top = [experts[i][1] for i in index]
         candidates = {"base": None, "nearest": top[0], "average": averaged(top, [1 / len(top)] * len(top)),
                       "oracle": oracle}

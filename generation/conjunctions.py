@@ -163,3 +163,10 @@ def distill_conjunctions(runner: BatchedLoRA, params: torch.Tensor, teacher: tor
         if progress:
             progress(step + 1, steps, loss.item())
     return derived.detach().to(params.dtype)
+
+
+def bank_parents(experts: int, conjunctions: list[Conjunction]) -> torch.Tensor:
+    """The expert bank's lineage (generators.ExpertBank.parents) for `experts` real experts
+    followed by these derived ones: −1 for a real expert, a conjunction's two parents else."""
+    real = torch.full((experts, 2), -1, dtype=torch.long)
+    return torch.cat([real, torch.tensor([c.parents for c in conjunctions], dtype=torch.long).reshape(-1, 2)])

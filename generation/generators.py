@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -77,23 +77,28 @@ GENERATOR_FORMAT_VERSION = 1
 
 
 class ExpertBank(nn.Module):
-    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, coeffs: torch.Tensor, task_embeddings: torch.Tensor):
+    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, coeffs: torch.Tensor, task_embeddings: torch.Tensor,
+                 parents: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("mean", mean)  # (D,)
         self.register_buffer("basis", basis)  # (D, P), orthonormal columns
         self.register_buffer("coeffs", coeffs)  # (n, P)
         self.register_buffer("task_embeddings", task_embeddings)  # (n, E), unit rows
+        # (n, 2): the two experts a derived entry (a conjunction) was made from; −1 for real experts.
+        self.register_buffer("parents", no_parents(len(coeffs)) if parents is None else parents.long())
         self.scale = float(coeffs.std().clamp(min=1e-8)) if coeffs.numel() else 1.0
 
     @classmethod
-    def fit(cls, params: torch.Tensor, text_embeddings: list[torch.Tensor], max_components: int = 64) -> "ExpertBank":
+    def fit(cls, params: torch.Tensor, text_embeddings: list[torch.Tensor], max_components: int = 64,
+            parents: torch.Tensor | None = None) -> "ExpertBank":
+        """parents: (n, 2) as the buffer, for banks whose last entries are derived from others."""
         params = params.float()
         mean = params.mean(0)
         _, singular, vh = torch.linalg.svd(params - mean, full_matrices=False)
         keep = int(min(max_components, (singular > singular[0] * 1e-6).sum()))
         basis = vh[:keep].T.contiguous()
         tasks = torch.stack([nn.functional.normalize(e.float().mean(0), dim=0) for e in text_embeddings])
-        return cls(mean, basis, (params - mean) @ basis, tasks)
+        return cls(mean, basis, (params - mean) @ basis, tasks, parents)
 
     @property
     def size(self) -> int:
@@ -105,13 +110,20 @@ class ExpertBank(nn.Module):
 
     def neighbours(self, queries: torch.Tensor, k: int, temperature: float, exclude: torch.Tensor | None = None):
         """For each query row: the k most similar expert tasks (B × k indices), their
-        softmax(sim/τ) weights and their similarities. `exclude`: one expert per row to leave out."""
+        softmax(sim/τ) weights and their similarities. `exclude`: one expert per row to leave
+        out, with every entry derived from it (a conjunction carries what its parent knows)."""
         similarity = queries @ self.task_embeddings.T
         if exclude is not None:
-            similarity = similarity.scatter(1, exclude[:, None], -math.inf)
-        k = min(k, self.size - (exclude is not None))
-        top, index = similarity.topk(k, dim=1)
+            entries = torch.arange(self.size)
+            hidden = (entries[None] == exclude[:, None]) | (self.parents[None] == exclude[:, None, None]).any(-1)
+            similarity = similarity.masked_fill(hidden, -math.inf)
+            k = min(k, int((~hidden).sum(1).min()))
+        top, index = similarity.topk(min(k, self.size), dim=1)
         return index, torch.softmax(top / temperature, dim=1), top
+
+
+def no_parents(n: int) -> torch.Tensor:
+    return torch.full((n, 2), -1, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------
@@ -159,10 +171,16 @@ class CVAE(nn.Module):
         return self.decoder(torch.cat([c.new_zeros(*c.shape[:-1], self.z_dim), c], -1), *start)
 
 
+PAPER_TEMPERATURE = 0.1  # SG-LoRA's softmax temperature over the top-k experts
+# What select_temperature chooses among, from the paper's side down to "the nearest entry alone".
+TEMPERATURE_CANDIDATES = (0.2, 0.1, 0.05, 0.03, 0.02, 0.01)
+
+
 @dataclass
 class GeneratorSettings:
     k: int = 5
-    temperature: float = 0.1
+    # None: chosen by function when the base model can be run (select_temperature), else the paper's.
+    temperature: float | None = None
     steps: int | None = None  # None: 1500 in parameter space, 600 in function space
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -178,9 +196,8 @@ class GeneratorSettings:
     validation_probes: int = 64
 
     def resolved(self, functional: bool) -> "GeneratorSettings":
-        if self.steps is not None:
-            return self
-        return GeneratorSettings(**{**asdict(self), "steps": 600 if functional else 1500})
+        return replace(self, steps=self.steps or (600 if functional else 1500),
+                       temperature=self.temperature or PAPER_TEMPERATURE)
 
 
 # ----------------------------------------------------------------------
@@ -200,6 +217,7 @@ class Generator(nn.Module):
     """Common training loop, generation and (de)serialisation."""
 
     method: str
+    temperature_selection: list[dict] | None = None  # select_temperature's table, when it chose τ
 
     def __init__(self, bank: ExpertBank, settings: GeneratorSettings, c_dim: int, layout: Layout | None = None):
         """layout: correct the prior with whole-LoRA outputs trained in function space
@@ -374,11 +392,12 @@ def load_generator(data: bytes) -> tuple["Generator", dict]:
     header_size = int.from_bytes(data[:8], "little")
     metadata = json.loads(data[8 : 8 + header_size])["__metadata__"]
     settings = GeneratorSettings(**json.loads(metadata["settings"]))
+    tensors.setdefault("bank.parents", no_parents(len(tensors["bank.coeffs"])))  # stored before derived entries
     bank = ExpertBank(tensors["bank.mean"], tensors["bank.basis"].float(), tensors["bank.coeffs"],
-                      tensors["bank.task_embeddings"])
+                      tensors["bank.task_embeddings"], tensors["bank.parents"])
     layout = Layout.from_json(json.loads(metadata["decoder_layout"])) if "decoder_layout" in metadata else None
     generator = GENERATORS[metadata["method"]](bank, settings, layout=layout)
-    generator.load_state_dict({k: v.float() for k, v in tensors.items()})
+    generator.load_state_dict({k: v if k == "bank.parents" else v.float() for k, v in tensors.items()})
     generator.eval()
     return generator, json.loads(metadata["extra"])
 
@@ -450,22 +469,73 @@ GENERATORS: dict[str, type[Generator]] = {"sg-lora": SGLoRA, "icm-lora": ICMLoRA
 def train_generator(method: str, params: torch.Tensor, text_embeddings: list[torch.Tensor],
                     settings: GeneratorSettings | None = None, progress=None, *,
                     probe: FunctionProbe | None = None, layout: Layout | None = None,
-                    teacher: torch.Tensor | None = None) -> tuple[Generator, list[dict]]:
-    """Fit a generator on n experts: params (n × D) in one layout, and each expert's
-    description + paraphrase embeddings (m_i × E). With a probe (the runnable base model
-    and unlabelled inputs) and the layout, it is trained in function space; `teacher`
-    (the experts' probabilities on the probes) may be passed in when several generators
-    share it or it was cached (hub.services.generations.expert_teachers). Returns the
-    generator and its training curve."""
+                    teacher: torch.Tensor | None = None, space: str | None = None,
+                    parents: torch.Tensor | None = None) -> tuple[Generator, list[dict]]:
+    """Fit a generator on n bank entries: params (n × D) in one layout, and each entry's
+    description + paraphrase embeddings (m_i × E). `parents` (n × 2, −1 for a real expert)
+    marks entries derived from two others (generation/conjunctions.py), which leave-one-out
+    hides with their parents. With a probe (the runnable base model and unlabelled inputs)
+    and the layout, the prior's temperature is chosen by function (select_temperature,
+    unless settings fix it) and, with space="function" (the default when a probe is given),
+    the generator is trained in function space; `teacher` (the entries' probabilities on the
+    probes) may be passed in when several generators share it or it was cached
+    (hub.services.generations.expert_teachers). Returns the generator and its training curve."""
     settings = settings or GeneratorSettings()
-    bank = ExpertBank.fit(params, text_embeddings)
+    space = space or ("function" if probe is not None else "parameter")
+    bank = ExpertBank.fit(params, text_embeddings, parents=parents)
     examples = [(j, e.float()) for j, embeddings in enumerate(text_embeddings) for e in embeddings]
     runner = BatchedLoRA(probe, layout) if probe is not None else None
     if runner is not None and teacher is None:
         teacher = teacher_probabilities(runner, params)
+    selection = None
+    if settings.temperature is None and runner is not None:
+        experts = int((bank.parents < 0).all(-1).sum())  # real experts come first
+        descriptions = torch.stack([e[0].float() for e in text_embeddings[:experts]])
+        chosen, selection = select_temperature(bank, runner, teacher, descriptions, settings.k, seed=settings.seed)
+        settings = replace(settings, temperature=chosen)
     # The same inputs and settings train the same generator: its initial weights come from the
     # seed, not from whatever the process drew before (the caller's random state is left as it was).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        generator = GENERATORS[method](bank, settings, layout=layout if runner is not None else None)
-        return generator, generator.fit(examples, progress=progress, runner=runner, teacher=teacher)
+        generator = GENERATORS[method](bank, settings, layout=layout if space == "function" else None)
+        generator.temperature_selection = selection
+        return generator, generator.fit(examples, progress=progress, runner=runner if space == "function" else None,
+                                        teacher=teacher)
+
+
+@torch.no_grad()
+def select_temperature(bank: ExpertBank, runner: BatchedLoRA, teacher: torch.Tensor, descriptions: torch.Tensor,
+                       k: int, *, candidates: tuple[float, ...] = TEMPERATURE_CANDIDATES, probes_per_expert: int = 32,
+                       seed: int = 0, experts_per_batch: int = 8) -> tuple[float, list[dict]]:
+    """The semantic prior's softmax temperature τ, chosen by what the prior does: each real
+    expert j (descriptions: one embedding per real expert, the bank's first entries) is left
+    out of the bank with every entry derived from it, exactly an unseen task; its prior at
+    each τ runs on probe texts drawn class by class of the expert's own predictions, and the
+    τ whose priors agree with their experts most often wins (ties: the larger τ).
+
+    Why choose it: the paper's τ = 0.1 mixes the top-k entries, which is right when no entry
+    fits and wrong when one fits nearly exactly (a derived conjunction "job title? Polish?" for
+    the request "a job title written in Polish": alone it recovers 0.92 of the oracle's gain on
+    the zoo, mixed at τ = 0.1 with four experts of the right category and the wrong language
+    0.83). Which case a population is in shows in its own experts, judged by function: in
+    parameter space independently trained adapters are nearly orthogonal, so a distance there
+    cannot tell a good prior from a bad one. Returns τ and [{temperature, agreement}]."""
+    count = len(descriptions)
+    left_out = torch.arange(count)
+    draws = StratifiedProbes(teacher[:count], seed)
+    probes = [draws.draw(j, probes_per_expert) for j in range(count)]
+    texts = runner.probe.texts
+    table = []
+    for temperature in candidates:
+        index, weights, _ = bank.neighbours(descriptions, k, temperature, left_out)
+        prior = bank.to_params(norm_preserving_mix(weights, bank.coeffs[index]))
+        agree = 0
+        for start in range(0, count, experts_per_batch):
+            drawn = [(j, p) for j in range(start, min(start + experts_per_batch, count)) for p in probes[j]]
+            owner, rows = torch.tensor([j for j, _ in drawn]), torch.tensor([p for _, p in drawn])
+            factors = [(A[owner - start], B[owner - start])
+                       for A, B in split_factors(prior[start : start + experts_per_batch], runner.layout)]
+            predicted = runner.logits([texts[p] for p in rows.tolist()], factors).argmax(-1)
+            agree += int((predicted == teacher[owner, rows].argmax(-1)).sum())
+        table.append({"temperature": temperature, "agreement": round(agree / (count * probes_per_expert), 6)})
+    return max(table, key=lambda row: row["agreement"])["temperature"], table

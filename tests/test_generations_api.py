@@ -35,12 +35,16 @@ def test_generated_adapter_loads_with_peft_and_beats_the_base(trained, small_zoo
                                                               method):
     from peft import PeftModel
 
+    from generation import generators
     from generation.zoo import data, model as zoo_model
 
     listed = client_for().get("/api/v1/generators/", {"base_model": BASE}).json()
     assert {g["method"] for g in listed} == {"sg-lora", "icm-lora"}
     assert all(len(g["experts"]) == 14 and g["curve"][0]["step"] == 0 for g in listed)
     assert all(g["settings"]["space"] == "parameter" for g in listed)  # the default
+    # A job that does not run the base (parameter space, no conjunctions) keeps the paper's τ.
+    assert all(g["settings"]["temperature"] == generators.PAPER_TEMPERATURE
+               and g["settings"]["temperature_selection"] is None for g in listed)
 
     task = _held_out(small_zoo, "unseen_pair")
     api = client_for(make_user("alice"))
@@ -123,6 +127,7 @@ def test_function_space_training_runs_the_stored_base_on_its_probe_texts(zoo_reg
     The experts' outputs are kept: training again runs no expert and learns exactly the same."""
     from django.core.management import call_command
 
+    from generation import generators
     from hub.blobs import blob_storage
     from hub.models import GeneratorArtifact
     from hub.services.generations import TEACHERS_PREFIX
@@ -141,9 +146,14 @@ def test_function_space_training_runs_the_stored_base_on_its_probe_texts(zoo_reg
     assert artifact.settings["space"] == "function" and artifact.settings["steps"] == 20
     assert [point["step"] for point in artifact.curve] == [0, 20]
     assert len(artifact.experts) == 14 and result["teachers"] == {"computed": 14, "reused": 0}
+    # The prior's temperature was chosen by function (generators.select_temperature) and recorded.
+    selection = artifact.settings["temperature_selection"]
+    assert [row["temperature"] for row in selection] == list(generators.TEMPERATURE_CANDIDATES)
+    assert artifact.settings["temperature"] == max(selection, key=lambda row: row["agreement"])["temperature"]
     again, result = train()
     assert again.version == artifact.version + 1 and result["teachers"] == {"computed": 0, "reused": 14}
     assert again.curve == artifact.curve  # the reused outputs are the computed ones, to the bit
+    assert again.settings["temperature_selection"] == selection
 
 
 def test_training_with_conjunctions_derives_experts_and_generation_names_their_parents(zoo_registry, make_user,

@@ -110,6 +110,25 @@ def test_expert_bank_spans_the_experts(experts):
     assert torch.allclose(weights.sum(1), torch.ones(2))
 
 
+def test_leaving_an_expert_out_hides_the_entries_derived_from_it(experts):
+    """A derived entry (a conjunction) carries what its parents know: leave-one-out, which
+    stands for an unseen task, must not see it through them."""
+    from generation import conjunctions
+
+    _, _, params, texts = experts
+    n = len(params)
+    found = [conjunctions.Conjunction((0, 1), 1, 0.0), conjunctions.Conjunction((2, 3), 1, 0.0)]
+    bank = generators.ExpertBank.fit(torch.cat([params, params[[0, 2]]]), texts + [texts[0], texts[2]],
+                                     parents=conjunctions.bank_parents(n, found))
+    index, weights, _ = bank.neighbours(bank.task_embeddings[:4], k=n + 2, temperature=0.1, exclude=torch.arange(4))
+    assert index.shape == (4, n)  # every entry a row may see, and no more
+    for row, hidden in enumerate([{0, n}, {1, n}, {2, n + 1}, {3, n + 1}]):
+        assert set(index[row].tolist()) == set(range(n + 2)) - hidden
+    # Seen from another expert, a derived entry is an entry like any other; its twin ranks first.
+    index, _, _ = bank.neighbours(bank.task_embeddings[[n]], k=2, temperature=0.1, exclude=torch.tensor([5]))
+    assert set(index[0].tolist()) == {0, n}
+
+
 @pytest.mark.parametrize("method", generators.METHODS)
 def test_generator_trains_saves_loads_and_generates_deterministically(experts, method):
     _, layout, params, texts = experts
@@ -250,3 +269,22 @@ def test_conjunctions_distil_towards_the_product_of_their_parents(experts, funct
     # Seeded: a retrained population gets the same derived experts (up to the float32 sums of
     # threaded backward passes, whose order varies between runs).
     torch.testing.assert_close(first, again, rtol=1e-3, atol=1e-5)
+
+
+def test_temperature_is_chosen_by_what_the_prior_does(experts, function_space):
+    """select_temperature on the small zoo: where every expert has an exact twin in the bank
+    (an entry that fits its task perfectly), the prior that takes the twin alone agrees with
+    the expert best, so the sharpest temperatures win; each τ's agreement is measured on the
+    experts' own predictions, and the chosen τ is the best of the table."""
+    _, _, params, texts = experts
+    _, runner, teacher = function_space
+    descriptions = torch.stack([e[0] for e in texts])
+    plain = generators.ExpertBank.fit(params, texts)
+    with_twins = generators.ExpertBank.fit(torch.cat([params, params]), texts + texts)
+    chosen, table = generators.select_temperature(with_twins, runner, teacher, descriptions, k=5)
+    assert [row["temperature"] for row in table] == list(generators.TEMPERATURE_CANDIDATES)
+    agreement = {row["temperature"]: row["agreement"] for row in table}
+    assert chosen == max(table, key=lambda row: row["agreement"])["temperature"] and chosen <= 0.03, table
+    assert agreement[chosen] > 0.9 and agreement[chosen] > agreement[0.2] + 0.1, table
+    _, without = generators.select_temperature(plain, runner, teacher, descriptions, k=5)
+    assert max(row["agreement"] for row in without) < agreement[chosen] - 0.1, (without, table)

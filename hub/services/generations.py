@@ -243,8 +243,8 @@ def train_generator_job(job: Job, reporter: JobReporter) -> dict:
             teacher = torch.cat([teacher, conjunctions.product_teacher(teacher, found)]) if found else teacher
         start = 0.5 if with_conjunctions else 0.3 if probe else 0.1  # after the adapters, teachers, conjunctions
         generator, curve = generators.train_generator(
-            method, params, texts, settings, layout=layout,
-            probe=probe if in_function_space else None, teacher=teacher if in_function_space else None,
+            method, params, texts, settings, layout=layout, probe=probe, teacher=teacher,
+            space="function" if in_function_space else "parameter", parents=conjunctions.bank_parents(len(experts), found),
             progress=lambda fraction, point: reporter.progress(start + (0.95 - start) * fraction,
                                                                f"step {point['step']}: "
                                                                f"validation error {point['validation_error']:.3g}"))
@@ -263,7 +263,8 @@ def train_generator_job(job: Job, reporter: JobReporter) -> dict:
             experts=experts, skipped=skipped, curve=curve, job=job,
             settings={**generator.settings.__dict__, "space": "function" if generator.functional else "parameter",
                       "conjunctions": [{"parents": list(c.parents), "positives": c.positives, "overlap": c.overlap}
-                                       for c in found]})
+                                       for c in found],
+                      "temperature_selection": generator.temperature_selection})
     return {**_training_result(artifact), **({"teachers": teachers} if teachers else {})}
 
 
