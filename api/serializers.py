@@ -275,9 +275,9 @@ class GeneratorTrainingRequestSerializer(serializers.Serializer):
                                               "answer on its probe texts (a base the hub can run, with "
                                               "probe_texts.json)")
     conjunctions = serializers.BooleanField(
-        default=False, help_text="on a base the hub can run (with probe_texts.json): first distill the conjunctions "
-                                 "of experts that no expert covers into derived experts (README, 'Generation'); "
-                                 "ignored elsewhere")
+        default=True, help_text="on a base the hub can run (with probe_texts.json): first distill the conjunctions "
+                                "of experts that no expert covers into derived experts (README, 'Generation'); on "
+                                "by default there, false skips them; ignored elsewhere")
     conjunction_steps = serializers.IntegerField(
         required=False, min_value=10, max_value=2000,
         help_text="distillation steps per derived expert (default 100; each step runs the base on 32 probe texts "

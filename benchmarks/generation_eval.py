@@ -17,10 +17,10 @@ the generators' storage as a fraction of the zoo's training adapters.
                                          [--space function|parameter] [--methods sg-lora icm-lora]
 --space function trains the generators as the hub does when asked for space=function (the
 zoo's base carries probe texts); the experts' teacher outputs are computed once and shared.
---conjunctions first adds the derived conjunction experts (generation/conjunctions.py), as the
-hub does when training is asked with conjunctions=true; nearest and average stay over the real
+By default it first adds the derived conjunction experts (generation/conjunctions.py), as the
+hub does on a base it can run (--no-conjunctions leaves them out); nearest and average stay over the real
 experts (the peers), and each task line also says which bank entry the generators ranked first.
-Where the base runs (--space function or --conjunctions) the prior's temperature is chosen by
+Where the base runs (--space function or conjunctions) the prior's temperature is chosen by
 function as the hub chooses it (generators.select_temperature; one generation_temperature line per
 method), unless --temperature fixes it.
 --teacher-cache FILE keeps the experts' teacher outputs (safetensors) between runs, and
@@ -92,8 +92,9 @@ def main() -> None:
     parser.add_argument("--space", choices=("parameter", "function"), default="parameter",
                         help="where the generators learn: parameter space (the hub's default) or function space "
                              "(POST /api/v1/generators/ with space=function)")
-    parser.add_argument("--conjunctions", action="store_true",
-                        help="add derived conjunction experts before training (hub: conjunctions=true)")
+    parser.add_argument("--conjunctions", action=argparse.BooleanOptionalAction, default=True,
+                        help="add derived conjunction experts before training, as the hub does by default on a "
+                             "base it can run (--no-conjunctions: the experts alone)")
     parser.add_argument("--max-conjunctions", type=int, default=conjunctions.MAX_CONJUNCTIONS)
     parser.add_argument("--conjunction-steps", type=int, default=conjunctions.DISTILL_STEPS)
     parser.add_argument("--conjunction-probes", type=int, default=32, help="probe texts per conjunction and step")

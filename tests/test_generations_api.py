@@ -16,7 +16,9 @@ BASE = "zoo/minilm-task-classifier"
 @pytest.fixture
 def trained(zoo_registry, client_for):
     """Both generators trained through the API by the base model's owner."""
-    response = client_for(zoo_registry).post("/api/v1/generators/", {"base_model": BASE, "steps": 300}, format="json")
+    # Parameter space without conjunctions (they are on by default; their test is below): seconds.
+    response = client_for(zoo_registry).post("/api/v1/generators/", {"base_model": BASE, "steps": 300,
+                                                                      "conjunctions": False}, format="json")
     assert response.status_code == 202, response.json()
     for job in response.json():
         finished = wait_for_job(job["id"], timeout=600)
@@ -138,7 +140,8 @@ def test_function_space_training_runs_the_stored_base_on_its_probe_texts(zoo_reg
             storage.delete(TEACHERS_PREFIX + name)
 
     def train() -> tuple[GeneratorArtifact, dict]:
-        call_command("train_generators", BASE, "--method", "sg-lora", "--space", "function", "--steps", "20")
+        call_command("train_generators", BASE, "--method", "sg-lora", "--space", "function", "--steps", "20",
+                     "--no-conjunctions")
         artifact = GeneratorArtifact.objects.filter(base_model__namespace="zoo", method="sg-lora").latest("version")
         return artifact, artifact.job.result
 
@@ -158,9 +161,10 @@ def test_function_space_training_runs_the_stored_base_on_its_probe_texts(zoo_reg
 
 def test_training_with_conjunctions_derives_experts_and_generation_names_their_parents(zoo_registry, make_user,
                                                                                       client_for):
-    """`conjunctions: true` on a base the hub can run: the training job distills the conjunctions of
-    experts that no expert covers (kept in blob storage: the second training reuses them), the
-    artifact records their parents, and a generation drawing on one names both parents."""
+    """Conjunctions, on by default on a base the hub can run: the training job distills the
+    conjunctions of experts that no expert covers (kept in blob storage: the second training reuses
+    them), the artifact records their parents and the prior's temperature chosen by function over a
+    bank that holds them, and a generation drawing on one names both parents."""
     from hub.blobs import blob_storage
     from hub.models import GeneratorArtifact
     from hub.services.generations import CONJUNCTIONS_PREFIX, expert_texts
@@ -172,8 +176,9 @@ def test_training_with_conjunctions_derives_experts_and_generation_names_their_p
     owner = client_for(zoo_registry)
 
     def train() -> GeneratorArtifact:
+        # conjunctions: on by default on a base the hub can run
         response = owner.post("/api/v1/generators/", {"base_model": BASE, "methods": ["sg-lora"], "steps": 50,
-                                                      "conjunctions": True, "conjunction_steps": 10}, format="json")
+                                                      "conjunction_steps": 10}, format="json")
         assert response.status_code == 202, response.json()
         finished = wait_for_job(response.json()[0]["id"], timeout=900)
         assert finished.state == "succeeded", finished.error
@@ -181,6 +186,8 @@ def test_training_with_conjunctions_derives_experts_and_generation_names_their_p
 
     artifact = train()
     found = artifact.settings["conjunctions"]
+    selection = artifact.settings["temperature_selection"]
+    assert artifact.settings["temperature"] == max(selection, key=lambda row: row["agreement"])["temperature"]
     assert found and artifact.job.result["conjunctions"] == len(found) and len(artifact.experts) == 14
     assert all(0 <= a < b < len(artifact.experts) for a, b in (c["parents"] for c in found))
     cached = storage.listdir(CONJUNCTIONS_PREFIX)[1]

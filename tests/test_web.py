@@ -291,7 +291,8 @@ def test_generate_an_adapter_from_a_description_then_read_its_provenance(zoo_reg
     from hub.services.generations import request_generator_training
 
     base = "zoo/minilm-task-classifier"
-    for job in request_generator_training(user=zoo_registry, base_model=base, methods=["sg-lora"], steps=300):
+    for job in request_generator_training(user=zoo_registry, base_model=base, methods=["sg-lora"], steps=300,
+                                          conjunctions=False):
         trained = wait_for_job(job.id, timeout=600)
         assert trained.state == "succeeded", trained.error
     make_user("alice")

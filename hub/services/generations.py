@@ -69,10 +69,12 @@ def expert_candidates(base: BaseModel) -> list[Adapter]:
 
 def request_generator_training(*, user, base_model: str, methods: list[str] | None = None,
                                steps: int | None = None, space: str = "parameter",
-                               conjunctions: bool = False, conjunction_steps: int | None = None) -> list[Job]:
+                               conjunctions: bool = True, conjunction_steps: int | None = None) -> list[Job]:
     """Training costs a worker minutes, so only the base model's owner or staff may ask for it.
     space: "parameter" (any base) or "function" (a base the hub can run, with probe texts).
-    conjunctions: derive experts for the conjunctions no expert covers, where the base can run."""
+    conjunctions: derive experts for the conjunctions no expert covers, where the base can run (on by
+    default: with them and the temperature chosen by function, generated adapters recover 0.91 of the
+    oracle's gain on the zoo's unseen pairs, against 0.58 without; README "Generation")."""
     base = get_base_model(base_model)
     if user is None or not (user.is_staff or base.owner_id == user.id):
         raise Forbidden("not_base_owner", f"Only the owner of {base.full_name} or staff may train its generators.")

@@ -1,3 +1,5 @@
+import argparse
+
 from django.core.management.base import BaseCommand
 
 from generation.generators import METHODS
@@ -17,8 +19,9 @@ class Command(BaseCommand):
         parser.add_argument("--steps", type=int, default=None)
         parser.add_argument("--space", choices=SPACES, default="parameter",
                             help="function: train by the base model's outputs on its probe texts")
-        parser.add_argument("--conjunctions", action="store_true",
-                            help="first derive experts for the conjunctions no expert covers (a base the hub can run)")
+        parser.add_argument("--conjunctions", action=argparse.BooleanOptionalAction, default=True,
+                            help="first derive experts for the conjunctions no expert covers (a base the hub can "
+                                 "run; on by default)")
         parser.add_argument("--background", action="store_true", help="queue the jobs for a worker instead")
 
     def handle(self, base_model, method, steps, space, background, conjunctions, **options):
