@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from .functional import BatchedLoRA, StratifiedProbes, distillation_loss, split_factors
+from .generators import no_parents
 
 POSITIVE_CLASS = 1
 MAX_CONJUNCTIONS = 64  # derived experts per training job: bounds its distillation time
@@ -168,5 +169,5 @@ def distill_conjunctions(runner: BatchedLoRA, params: torch.Tensor, teacher: tor
 def bank_parents(experts: int, conjunctions: list[Conjunction]) -> torch.Tensor:
     """The expert bank's lineage (generators.ExpertBank.parents) for `experts` real experts
     followed by these derived ones: −1 for a real expert, a conjunction's two parents else."""
-    real = torch.full((experts, 2), -1, dtype=torch.long)
-    return torch.cat([real, torch.tensor([c.parents for c in conjunctions], dtype=torch.long).reshape(-1, 2)])
+    derived = torch.tensor([c.parents for c in conjunctions], dtype=torch.long).reshape(-1, 2)
+    return torch.cat([no_parents(experts), derived])
