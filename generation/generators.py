@@ -207,8 +207,8 @@ class GeneratorSettings:
     validation_probes: int = 64
 
     def resolved(self, functional: bool) -> "GeneratorSettings":
-        return replace(self, steps=self.steps or (600 if functional else 1500),
-                       temperature=self.temperature or PAPER_TEMPERATURE)
+        return replace(self, steps=(600 if functional else 1500) if self.steps is None else self.steps,
+                       temperature=PAPER_TEMPERATURE if self.temperature is None else self.temperature)
 
 
 # ----------------------------------------------------------------------

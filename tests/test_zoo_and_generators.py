@@ -120,7 +120,7 @@ def test_leaving_an_expert_out_hides_the_entries_derived_from_it(experts):
     found = [conjunctions.Conjunction((0, 1), 1, 0.0), conjunctions.Conjunction((2, 3), 1, 0.0)]
     bank = generators.ExpertBank.fit(torch.cat([params, params[[0, 2]]]), texts + [texts[0], texts[2]],
                                      parents=conjunctions.bank_parents(n, found))
-    index, weights, _ = bank.neighbours(bank.task_embeddings[:4], k=n + 2, temperature=0.1, exclude=torch.arange(4))
+    index, _, _ = bank.neighbours(bank.task_embeddings[:4], k=n + 2, temperature=0.1, exclude=torch.arange(4))
     assert index.shape == (4, n)  # every entry a row may see, and no more
     for row, hidden in enumerate([{0, n}, {1, n}, {2, n + 1}, {3, n + 1}]):
         assert set(index[row].tolist()) == set(range(n + 2)) - hidden
