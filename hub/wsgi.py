@@ -1,3 +1,4 @@
+import atexit
 import gc
 import os
 
@@ -24,3 +25,7 @@ warm_query_encoder()
 # Everything loaded so far lives as long as the process: the collector need not walk it again,
 # and (preloaded) its pages stay shared with the workers instead of being touched by every collection.
 gc.freeze()
+# Until exit: the interpreter's last collection must see them again, or native bindings still
+# holding objects (Triton's nanobind, imported by torch._dynamo) print a ~30-line leak report from
+# every process on each shutdown.
+atexit.register(gc.unfreeze)
