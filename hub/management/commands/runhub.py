@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -37,7 +38,8 @@ class Command(BaseCommand):
             call_command("seed_demo")
         python = sys.executable
         children = [
-            subprocess.Popen([python, "-m", "celery", "-A", "workers", "worker", "--queues", "default,embed,gpu",
+            # --quiet: no banner, so the address and login below are the last thing printed
+            subprocess.Popen([python, "-m", "celery", "--quiet", "-A", "workers", "worker", "--queues", "default,embed,gpu",
                               "--concurrency", "2", "--loglevel", "WARNING"]),
             subprocess.Popen([python, "-m", "gunicorn", "hub.wsgi:application", "--bind", bind,
                               "--workers", "2", "--threads", "4", "--timeout", "600", "--access-logfile", "-"]),
@@ -53,6 +55,7 @@ class Command(BaseCommand):
             self.stdout.write(f"Building the small LoRA zoo and its generators in the background "
                               f"(generation is available in a few minutes; log: {log.name})")
         url = f"http://{bind}"
+        self._wait_until_serving(url, children[1])
         self.stdout.write(self.style.SUCCESS(
             f"\nQuiver is running at {url}/\n"
             f"  API:        {url}/api/v1/adapters/\n"
@@ -79,6 +82,17 @@ class Command(BaseCommand):
             if os.environ.get("QUIVER_EMBEDDED") == "1":
                 embedded.stop_all()
             self.stdout.write("Stopped.")
+
+    def _wait_until_serving(self, url: str, web: subprocess.Popen, timeout: float = 120) -> None:
+        """Return once the web server answers its health check (so the address is printed after the
+        servers' start-up lines, and works when printed), or it exited, or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and web.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{url}/api/v1/health", timeout=5):
+                    return
+            except (OSError, ValueError):  # not listening yet, or 503 while a backend starts
+                time.sleep(0.5)
 
     def _admin_password(self) -> str:
         """The admin login for this checkout: created once, kept under var/."""
