@@ -184,9 +184,16 @@ def cmd_search(client: Client, args) -> tuple[dict, str]:
     params = {"q": args.query, "k": args.k, "base_model": args.base_model, "tag": args.tag, "format": args.format,
               "license": args.license}
     found = client.json("GET", "/api/v1/search", params={k: v for k, v in params.items() if v is not None})
-    lines = [f"{hit['score']:.4f}  {hit['adapter']['id']:<40} {hit['adapter']['description'][:60]}"
-             for hit in found["results"]]
+    # What matched says more than the fused score (a reciprocal-rank sum, only an order).
+    lines = [f"{hit['adapter']['id']:<40} {_matched_text(hit.get('matched') or {}):<34} "
+             f"{hit['adapter']['description'][:60]}" for hit in found["results"]]
     return found, "\n".join(lines) or "no adapter found"
+
+
+def _matched_text(matched: dict) -> str:
+    """'description 0.67, keywords': the rankings that found a hit, with the embeddings' cosine
+    similarities (keyword ranks have no common scale, so only their name)."""
+    return ", ".join(name if name == "keywords" else f"{name} {value:.2f}" for name, value in matched.items())
 
 
 def cmd_show(client: Client, args) -> tuple[dict, str]:

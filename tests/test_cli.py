@@ -56,6 +56,9 @@ def test_upload_show_download_and_check_for_updates_from_a_manifest(live_hub, al
                              token=alice_token)
     assert rc == 0, uploaded
     assert uploaded["id"] == "alice/tickets" and uploaded["revision"] == 1 and uploaded["tags"] == ["cli", "support"]
+    rc, found, _ = quiver(live_hub, "search", "tickets", json_output=False)
+    assert rc == 0 and any(line.split()[0] == "alice/tickets" and "keywords" in line.split()[1:-1]
+                      for line in found.splitlines()), found  # named first, then what matched
 
     rc, shown, _ = quiver(live_hub, "show", "alice/tickets@1")
     assert rc == 0 and shown["manifest"]["adapter"] == {"id": "alice/tickets", "revision": 1,
