@@ -39,8 +39,8 @@ class Command(BaseCommand):
         python = sys.executable
         children = [
             # --quiet: no banner, so the address and login below are the last thing printed
-            subprocess.Popen([python, "-m", "celery", "--quiet", "-A", "workers", "worker", "--queues", "default,embed,gpu",
-                              "--concurrency", "2", "--loglevel", "WARNING"]),
+            subprocess.Popen([python, "-m", "celery", "--quiet", "-A", "workers", "worker",
+                              "--queues", "default,embed,gpu", "--concurrency", "2", "--loglevel", "WARNING"]),
             subprocess.Popen([python, "-m", "gunicorn", "hub.wsgi:application", "--bind", bind,
                               "--workers", "2", "--threads", "4", "--timeout", "600", "--access-logfile", "-"]),
         ]
