@@ -277,3 +277,34 @@ def test_peak_memory_stays_well_below_the_checkpoint_size(tmp_path):
     assert increase < 0.3 * size
     merged = read_safetensors_header(tmp_path / "out" / "model.safetensors", allowed_dtypes=BASE_MODEL_DTYPES)
     assert merged.data_length == read_safetensors_header(base / "model.safetensors").data_length
+
+
+def test_a_bf16_base_merges_through_the_fused_cpu_kernel_with_the_torch_paths_and_peft_bits(built, monkeypatch):
+    """bf16 in and out: row blocks go through kernels/merge_cpu.c where this machine runs it, and
+    the bytes are PEFT's (one rsLoRA adapter: a scale that is not a power of two) and the torch
+    path's (two adapters with different targets, a rank pattern and weights 1 and −0.3)."""
+    from kernels import merge_cpu
+
+    if not merge_cpu.available():
+        pytest.skip("the fused CPU merge kernel needs AVX-512 and a C compiler")
+    calls = []
+    kernel = merge_cpu.merge_rows_bf16
+    monkeypatch.setattr(merge_cpu, "merge_rows_bf16", lambda *args: calls.append(1) or kernel(*args))
+    root = built["root"]
+    base = root / "base-bf16"
+    merge_checkpoint(files_in(built["base"]), [], base, dtype="bfloat16")
+
+    rslora = built["adapters"]["rslora"]
+    merge_checkpoint(files_in(base), [(parse_adapter(files_in(rslora)), 1.0)], root / "fused-rslora")
+    assert calls
+    reference = peft_merged(base, [rslora], root / "peft-rslora-bf16", torch.bfloat16)
+    assert max_abs_diff(weights_of(root / "fused-rslora"), weights_of(reference)) == 0.0
+
+    adapters = [(parse_adapter(files_in(built["adapters"][name])), weight)
+                for name, weight in (("pattern", 1.0), ("second", -0.3))]
+    merge_checkpoint(files_in(base), adapters, root / "fused-two")
+    monkeypatch.setattr(merge_cpu, "available", lambda: False)
+    calls.clear()
+    merge_checkpoint(files_in(base), adapters, root / "torch-two")
+    assert not calls
+    assert (root / "fused-two" / "model.safetensors").read_bytes() == (root / "torch-two" / "model.safetensors").read_bytes()

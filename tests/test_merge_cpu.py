@@ -1,0 +1,68 @@
+"""kernels.merge_cpu: the fused C merge of bf16 weights against the torch reference, bit for bit,
+on row and column tails, several adapters, negative and non-power-of-two scales, infinities, a NaN,
+a signed zero and values that round to infinity; its input checks; and where it is not used. The
+streaming merge through it is tested against PEFT in tests/test_streaming_merge.py."""
+import pytest
+import torch
+
+from kernels import merge_cpu
+from kernels.merge_reference import fold_scales
+
+needs_kernel = pytest.mark.skipif(not merge_cpu.available(), reason="needs AVX-512 and a C compiler")
+
+SHAPES = [(1, 1), (3, 31), (4, 32), (7, 33), (64, 100), (129, 2048)]
+ADAPTERS = [([16], [2.0]), ([1], [0.75]), ([16, 8, 3], [1.0, -0.3, 0.75]), ([64], [-1.0])]
+
+
+def block(rows, columns, ranks, scales, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(rows, columns, generator=generator) * 0.02).to(torch.bfloat16)
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 3.38e38], dtype=torch.bfloat16)
+    count = min(len(specials), weight.numel())
+    weight.view(-1)[-count:] = specials[:count]  # the last elements: the tails of the kernel
+    Bs = [torch.randn(rows, r, generator=generator) * 0.01 for r in ranks]
+    As = [torch.randn(r, columns, generator=generator) / columns**0.5 for r in ranks]
+    As, scales = fold_scales(As, scales)
+    return weight, Bs, As, scales
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, columns", SHAPES)
+@pytest.mark.parametrize("ranks, scales", ADAPTERS)
+def test_fused_cpu_merge_gives_the_reference_bits(rows, columns, ranks, scales):
+    weight, Bs, As, scales = block(rows, columns, ranks, scales, seed=rows * 4096 + columns)
+    out = merge_cpu.merge_rows_bf16(weight, *merge_cpu.concat_factors(Bs, As, scales), torch.empty_like(weight))
+    expected = merge_cpu.reference_rows_bf16(weight, Bs, As, scales)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    assert weight.numel() <= 5 or not torch.equal(out, weight)  # the update is there (beyond the specials)
+
+
+@needs_kernel
+def test_fused_cpu_merge_refuses_what_it_does_not_take():
+    weight, Bs, As, scales = block(8, 40, [4], [1.0])
+    factors = merge_cpu.concat_factors(Bs, As, scales)
+    out = torch.empty_like(weight)
+    with pytest.raises(ValueError, match="bf16 weights"):
+        merge_cpu.merge_rows_bf16(weight.float(), *factors, out)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        merge_cpu.merge_rows_bf16(weight[:4], *factors, out[:4])
+    with pytest.raises(ValueError, match="contiguous"):
+        merge_cpu.merge_rows_bf16(weight.t().contiguous().t(), *factors, out)
+
+
+def test_no_compiler_means_no_kernel_and_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("QUIVER_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang
+    monkeypatch.delenv("CC", raising=False)
+    assert merge_cpu.build() is None and not list(tmp_path.iterdir())
+
+
+def test_the_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    if merge_cpu._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("QUIVER_KERNEL_CACHE", str(tmp_path))
+    first = merge_cpu.build()
+    assert first is not None and first.parent == tmp_path and first.stat().st_size > 0
+    modified = first.stat().st_mtime_ns
+    assert merge_cpu.build() == first and first.stat().st_mtime_ns == modified
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
