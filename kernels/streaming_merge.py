@@ -32,8 +32,8 @@ Memory stays near one tensor, never the model:
   ~2 MiB) is read from the mapping, merged into reused buffers
   (`kernels.merge_reference.merge_rows_into`), rounded and written at its
   offset (bf16 in and out: in one pass by the fused C kernel,
-  `kernels.merge_cpu`, where the machine runs it: same bits); each `CHUNK_BYTES` piece of an untouched tensor is copied in the
-  kernel. Worker threads (as many as torch's intra-op threads, each running
+  `kernels.merge_cpu`, where the machine runs it: same bits); each
+  `CHUNK_BYTES` piece of an untouched tensor is copied in the kernel. Worker threads (as many as torch's intra-op threads, each running
   single-threaded torch ops) take the tasks, this thread runs one itself
   when 2·workers are queued, so page faults, compute and page-cache writes
   overlap on every core with no ordered hand-off, and only a few blocks are
@@ -641,7 +641,7 @@ class _RowBlockPipeline:
         As, scales = fold_scales([f[1].to(compute) for f in factors], [f[2] for f in factors])  # once, not per block
         row_block = default_row_block(int(columns), STREAM_BLOCK_BYTES)
         row_bytes = columns * DTYPE_ITEMSIZE[item.out_dtype]
-        # bf16 in and out (the common case): the fused C kernel, same bits, less than half the CPU time.
+        # bf16 in and out (the common case): the fused C kernel, same bits, under half the block's compute.
         fused = W.dtype == out_dtype == torch.bfloat16 and W.is_contiguous() and merge_cpu.available()
         if fused:
             B_cat, A_cat, bounds, scale_tensor = merge_cpu.concat_factors(Bs, As, scales)
