@@ -33,7 +33,8 @@ Memory stays near one tensor, never the model:
   (`kernels.merge_reference.merge_rows_into`), rounded and written at its
   offset (bf16 in and out: in one pass by the fused C kernel,
   `kernels.merge_cpu`, where the machine runs it: same bits); each
-  `CHUNK_BYTES` piece of an untouched tensor is copied in the kernel. Worker threads (as many as torch's intra-op threads, each running
+  `CHUNK_BYTES` piece of an untouched tensor is copied in the kernel.
+  Worker threads (as many as torch's intra-op threads, each running
   single-threaded torch ops) take the tasks, this thread runs one itself
   when 2·workers are queued, so page faults, compute and page-cache writes
   overlap on every core with no ordered hand-off, and only a few blocks are
