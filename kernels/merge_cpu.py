@@ -104,7 +104,11 @@ def _kernel():
     path = build()
     if path is None:
         return None
-    function = ctypes.CDLL(str(path)).quiver_merge_rows_bf16
+    try:
+        function = ctypes.CDLL(str(path)).quiver_merge_rows_bf16
+    except (OSError, AttributeError) as error:  # e.g. a cache shared with another architecture
+        log.warning("fused CPU merge kernel not loaded from %s (%s); the torch path merges instead", path, error)
+        return None
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer, integer, pointer]
     function.restype = None

@@ -66,3 +66,15 @@ def test_the_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
     modified = first.stat().st_mtime_ns
     assert merge_cpu.build() == first and first.stat().st_mtime_ns == modified
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_a_library_that_does_not_load_means_the_torch_path(monkeypatch, tmp_path):
+    broken = tmp_path / "merge_cpu-broken.so"
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setattr(merge_cpu, "_cpu_has_avx512", lambda: True)
+    monkeypatch.setattr(merge_cpu, "build", lambda: broken)
+    merge_cpu._kernel.cache_clear()
+    try:
+        assert merge_cpu._kernel() is None
+    finally:
+        merge_cpu._kernel.cache_clear()  # the next caller loads the real one again
