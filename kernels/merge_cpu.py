@@ -63,10 +63,8 @@ def _cpu_has_avx512() -> bool:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    found = (shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name)
+    return next((path for path in found if path), None)
 
 
 def build() -> Path | None:
@@ -151,9 +149,13 @@ def merge_rows_bf16(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, boun
             or int(bounds[-1]) != A.shape[0]:
         raise ValueError("bounds must be int64 rank offsets (one more than scales, ending at A's rows)")
     if weight.numel():
-        function(weight.data_ptr(), B.data_ptr(), A.data_ptr(), bounds.data_ptr(), scales.data_ptr(),
-                 len(scales), rows, columns, B.shape[1], out.data_ptr())
+        _call(function, weight, B, A, bounds, scales, out)
     return out
+
+
+def _call(function, weight, B, A, bounds, scales, out) -> None:
+    function(weight.data_ptr(), B.data_ptr(), A.data_ptr(), bounds.data_ptr(), scales.data_ptr(),
+             len(scales), weight.shape[0], weight.shape[1], B.shape[1], out.data_ptr())
 
 
 def reference_rows_bf16(weight: torch.Tensor, Bs: list[torch.Tensor], As: list[torch.Tensor],
@@ -174,10 +176,8 @@ def _matches_reference(function) -> bool:
         weight[0, 0], weight[-1, -1] = float("inf"), float("nan")
         Bs = [torch.randn(rows, r, generator=generator) * 0.01 for r in ranks]
         As = [torch.randn(r, columns, generator=generator) / columns**0.5 for r in ranks]
-        B_cat, A_cat, bounds, scale_tensor = concat_factors(Bs, As, scales)
         out = torch.empty_like(weight)
-        function(weight.data_ptr(), B_cat.data_ptr(), A_cat.data_ptr(), bounds.data_ptr(), scale_tensor.data_ptr(),
-                 len(scales), rows, columns, B_cat.shape[1], out.data_ptr())
+        _call(function, weight, *concat_factors(Bs, As, scales), out)
         if not torch.equal(out.view(torch.int16), reference_rows_bf16(weight, Bs, As, scales).view(torch.int16)):
             return False
     return True
