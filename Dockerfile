@@ -7,7 +7,7 @@
 #
 # PyPI's Linux x86_64 torch wheels are the CUDA builds, so the second form is the
 # image for the GPU worker (docker-compose.yml builds it for `worker-gpu`).
-FROM python:3.11-slim
+FROM python:3.11-slim AS runtime
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -28,6 +28,18 @@ COPY requirements.txt ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -r requirements.txt
 
+# The fused CPU merge kernel (kernels/merge_cpu.c) is compiled in a stage of its own, so the image
+# carries its two builds (AVX-512 and AVX2) but no compiler; each worker loads the one its CPU runs
+# from QUIVER_KERNEL_CACHE (kernels/merge_cpu.py) and checks it against the torch path.
+FROM runtime AS cpu-kernels
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY kernels/ kernels/
+RUN QUIVER_KERNEL_CACHE=/opt/quiver/kernels python -m kernels.merge_cpu
+
+FROM runtime
+COPY --from=cpu-kernels /opt/quiver/kernels /opt/quiver/kernels
 COPY . .
 
 # Static files are baked into the image (served by WhiteNoise). Settings need a
@@ -46,7 +58,8 @@ RUN DJANGO_SECRET_KEY=build-only \
 # The embedded PostgreSQL/Redis of a developer machine never start in the image:
 # DATABASE_URL and REDIS_URL come from the environment (docker-compose.yml).
 ENV DJANGO_SKIP_EMBEDDED=1 \
-    HF_HOME=/app/var/hf
+    HF_HOME=/app/var/hf \
+    QUIVER_KERNEL_CACHE=/opt/quiver/kernels
 
 USER quiver
 EXPOSE 8000

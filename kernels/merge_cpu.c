@@ -8,11 +8,14 @@
  *   torch's vectorised conversion writes it).
  *
  * Why: the torch reference makes three passes over a float32 block (upcast, addmm_, round), about
- * 0.8 ns per weight on one core; this reads W once, keeps a 4-row × 32-column tile's products in
- * AVX-512 registers (each A load serves 4 rows) and writes bf16 once: about 0.37 ns per weight.
+ * 0.8 ns per weight on one core; this reads W once, keeps a 4-row tile's products in vector
+ * registers (each A load serves 4 rows) and writes bf16 once: about 0.37 ns per weight (AVX-512).
  *
- * Built by kernels/merge_cpu.py with -mavx512f -mavx512bw -mfma -ffp-contract=off (no contraction
- * beyond the FMAs written here) and used only where the CPU has AVX-512 F and BW.
+ * One source, two builds (kernels/merge_cpu.py picks the one the CPU runs): with -mavx512f
+ * -mavx512bw -mfma the vectors are 16 floats, with -mavx2 -mfma 8 (hosts without AVX-512: AMD
+ * before Zen 4, Intel before Skylake-SP). The arithmetic, and so every bit, is the same; only the
+ * width of a tile differs. Both are built with -ffp-contract=off: no contraction beyond the FMAs
+ * written here.
  *
  * B: rows × R float32 (row-major, the block's rows); A: R × cols float32; ranks concatenated, adapter
  * t owning columns bounds[t] … bounds[t+1] of B and rows of A. W, out: rows × cols bf16 bits.
@@ -21,15 +24,21 @@
 #include <stdint.h>
 #include <string.h>
 
-#define TILE_ROWS 4
-#define TILE_COLS 32 /* two zmm registers of float32 per row */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__)
+#define LANES 16
+typedef __m512 vec;
+#define vec_load _mm512_loadu_ps
+#define vec_set1 _mm512_set1_ps
+#define vec_mul _mm512_mul_ps
+#define vec_add _mm512_add_ps
+#define vec_fma _mm512_fmadd_ps
 
-static inline __m512 load_bf16(const uint16_t *p) {
+static inline vec load_bf16(const uint16_t *p) {
     __m256i half = _mm256_loadu_si256((const __m256i *)p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-static inline void store_bf16(uint16_t *p, __m512 v) {
+static inline void store_bf16(uint16_t *p, vec v) {
     __m512i bits = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
@@ -37,6 +46,36 @@ static inline void store_bf16(uint16_t *p, __m512 v) {
     rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0xFFFF));
     _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(rounded));
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+typedef __m256 vec;
+#define vec_load _mm256_loadu_ps
+#define vec_set1 _mm256_set1_ps
+#define vec_mul _mm256_mul_ps
+#define vec_add _mm256_add_ps
+#define vec_fma _mm256_fmadd_ps
+
+static inline vec load_bf16(const uint16_t *p) {
+    __m128i half = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+static inline void store_bf16(uint16_t *p, vec v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0xFFFF), nan);
+    /* 8 values ≤ 0xFFFF to 16 bits: packus works per 128-bit lane, the permute joins the halves. */
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+}
+#else
+#error "merge_cpu.c is built with -mavx512f -mavx512bw -mfma or with -mavx2 -mfma"
+#endif
+
+#define TILE_ROWS 4
+#define TILE_COLS (2 * LANES) /* two vectors of float32 per row */
 
 /* One element in the same order (the tails of a block: last rows and columns). */
 static uint16_t merge_element(const uint16_t *w_row, const float *b_row, const float *A, const int64_t *bounds,
@@ -68,46 +107,46 @@ void quiver_merge_rows_bf16(const uint16_t *W, const float *B, const float *A, c
     for (; i + TILE_ROWS <= rows; i += TILE_ROWS) {
         int64_t j0 = 0;
         for (; j0 + TILE_COLS <= cols; j0 += TILE_COLS) {
-            __m512 acc[TILE_ROWS][2];
+            vec acc[TILE_ROWS][2];
             for (int r = 0; r < TILE_ROWS; r++) {
                 acc[r][0] = load_bf16(W + (i + r) * cols + j0);
-                acc[r][1] = load_bf16(W + (i + r) * cols + j0 + 16);
+                acc[r][1] = load_bf16(W + (i + r) * cols + j0 + LANES);
             }
             for (int64_t t = 0; t < adapters; t++) {
                 int64_t k0 = bounds[t], k1 = bounds[t + 1];
                 if (k1 == k0)
                     continue;
-                __m512 d[TILE_ROWS][2];
-                __m512 a0 = _mm512_loadu_ps(A + k0 * cols + j0), a1 = _mm512_loadu_ps(A + k0 * cols + j0 + 16);
+                vec d[TILE_ROWS][2];
+                vec a0 = vec_load(A + k0 * cols + j0), a1 = vec_load(A + k0 * cols + j0 + LANES);
                 for (int r = 0; r < TILE_ROWS; r++) {
-                    __m512 b = _mm512_set1_ps(B[(i + r) * R + k0]);
-                    d[r][0] = _mm512_mul_ps(b, a0);
-                    d[r][1] = _mm512_mul_ps(b, a1);
+                    vec b = vec_set1(B[(i + r) * R + k0]);
+                    d[r][0] = vec_mul(b, a0);
+                    d[r][1] = vec_mul(b, a1);
                 }
                 for (int64_t k = k0 + 1; k < k1; k++) {
-                    a0 = _mm512_loadu_ps(A + k * cols + j0);
-                    a1 = _mm512_loadu_ps(A + k * cols + j0 + 16);
+                    a0 = vec_load(A + k * cols + j0);
+                    a1 = vec_load(A + k * cols + j0 + LANES);
                     for (int r = 0; r < TILE_ROWS; r++) {
-                        __m512 b = _mm512_set1_ps(B[(i + r) * R + k]);
-                        d[r][0] = _mm512_fmadd_ps(b, a0, d[r][0]);
-                        d[r][1] = _mm512_fmadd_ps(b, a1, d[r][1]);
+                        vec b = vec_set1(B[(i + r) * R + k]);
+                        d[r][0] = vec_fma(b, a0, d[r][0]);
+                        d[r][1] = vec_fma(b, a1, d[r][1]);
                     }
                 }
                 if (scales[t] != 1.0f) {
-                    __m512 s = _mm512_set1_ps(scales[t]);
+                    vec s = vec_set1(scales[t]);
                     for (int r = 0; r < TILE_ROWS; r++) {
-                        d[r][0] = _mm512_mul_ps(d[r][0], s);
-                        d[r][1] = _mm512_mul_ps(d[r][1], s);
+                        d[r][0] = vec_mul(d[r][0], s);
+                        d[r][1] = vec_mul(d[r][1], s);
                     }
                 }
                 for (int r = 0; r < TILE_ROWS; r++) {
-                    acc[r][0] = _mm512_add_ps(acc[r][0], d[r][0]);
-                    acc[r][1] = _mm512_add_ps(acc[r][1], d[r][1]);
+                    acc[r][0] = vec_add(acc[r][0], d[r][0]);
+                    acc[r][1] = vec_add(acc[r][1], d[r][1]);
                 }
             }
             for (int r = 0; r < TILE_ROWS; r++) {
                 store_bf16(out + (i + r) * cols + j0, acc[r][0]);
-                store_bf16(out + (i + r) * cols + j0 + 16, acc[r][1]);
+                store_bf16(out + (i + r) * cols + j0 + LANES, acc[r][1]);
             }
         }
         for (int r = 0; r < TILE_ROWS; r++)

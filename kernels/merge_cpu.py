@@ -2,22 +2,29 @@
 
     merge_rows_bf16(weight, B, A, bounds, scales, out)   # out = bf16(W + Σₜ sₜ·Bₜ·Aₜ), one block
     available() -> bool
+    python -m kernels.merge_cpu     # build every variant into the cache (a Docker build stage)
 
 Same bits as the torch reference (`merge_reference.merge_rows_into`, then one rounding), at less
 than half its CPU time: the reference makes three passes over a float32 copy of the block (upcast,
-`addmm_`, round); the C kernel reads W once, keeps a 4×32 tile's products in AVX-512 registers and
-writes bf16 once (measured on one core, r = 16: 0.36–0.39 ns per weight against 0.77–0.82).
+`addmm_`, round); the C kernel reads W once, keeps a 4-row tile's products in vector registers and
+writes bf16 once (one core, r = 16, ns per weight: AVX-512 0.37–0.43, AVX2 0.58–0.63, the torch
+path 0.77–0.82).
 
-It is used only where all of these hold, else the torch reference runs (same bits):
+One source, two builds (`VARIANTS`): AVX-512 (16 floats a vector) where the CPU has AVX-512 F, BW
+and FMA, else AVX2 (8 floats) where it has AVX2 and FMA: AMD before Zen 4, Intel before
+Skylake-SP. The kernel is used only where all of these hold, else the torch reference runs (same
+bits):
 
-* the CPU has AVX-512 F and BW (`/proc/cpuinfo`), and QUIVER_CPU_KERNEL is not "0";
-* a C compiler is found ($CC, cc, gcc or clang): the kernel is built on first use (well under a
-  second) into QUIVER_KERNEL_CACHE (default $XDG_CACHE_HOME/quiver, else ~/.cache/quiver), named
-  by its source's hash, so each version is built once per machine and image;
+* the CPU runs one of the variants (`/proc/cpuinfo`), and QUIVER_CPU_KERNEL is not "0"
+  ("avx2" picks the AVX2 build on a CPU that runs both);
+* the variant's library is in QUIVER_KERNEL_CACHE (default $XDG_CACHE_HOME/quiver, else
+  ~/.cache/quiver), named by a hash of the source and flags, or a C compiler ($CC, cc, gcc or
+  clang) builds it there on first use (well under a second). The Docker image builds both in a
+  build stage and carries only the libraries, no compiler;
 * on random blocks (tails, several adapters, negative and non-power-of-two scales) it gives
   exactly the reference's bits. The kernel's products are FMA chains in k order; MKL's sgemm
   computes the same on the CPUs measured, but BLAS promises no order, so this is checked once
-  per process rather than assumed.
+  per process and variant rather than assumed.
 
 Why C rather than Triton: Triton compiles for GPUs; on CPU the choice is a C kernel or torch's
 passes. Why not a library: no library fuses a bf16 upcast, a low-rank GEMM and the rounding
@@ -42,8 +49,12 @@ from .merge_reference import merge_rows_into
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("merge_cpu.c")
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mfma", "-ffp-contract=off", "-fPIC", "-shared"]
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "fma")
+COMMON_CFLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
+# variant → (compiler flags, /proc/cpuinfo flags it needs), widest first: the first the CPU runs is used.
+VARIANTS: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mfma"], ("avx512f", "avx512bw", "fma")),
+    "avx2": (["-mavx2", "-mfma"], ("avx2", "fma")),
+}
 
 
 def cache_dir() -> Path:
@@ -53,13 +64,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quiver"
 
 
-def _cpu_has_avx512() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+            return frozenset(next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), []))
     except OSError:
-        return False
-    return all(flag in flags for flag in REQUIRED_FLAGS)
+        return frozenset()
+
+
+def runnable_variants() -> list[str]:
+    """The variants this CPU runs, widest first."""
+    return [name for name, (_, needed) in VARIANTS.items() if _cpu_flags().issuperset(needed)]
+
+
+def chosen_variant() -> str | None:
+    """What QUIVER_CPU_KERNEL and the CPU select: None for the torch path."""
+    setting = os.environ.get("QUIVER_CPU_KERNEL", "1")
+    if setting == "0":
+        return None
+    runnable = runnable_variants()
+    if setting in VARIANTS:
+        return setting if setting in runnable else None
+    return runnable[0] if runnable else None
 
 
 def _compiler() -> str | None:
@@ -67,39 +94,49 @@ def _compiler() -> str | None:
     return next((path for path in found if path), None)
 
 
-def build() -> Path | None:
-    """The shared library for this source, built if it is not in the cache yet; None if it
-    cannot be built here (no compiler, a compiler without AVX-512, an unwritable cache)."""
-    compiler = _compiler()
-    if compiler is None or not SOURCE.exists():
+def library_path(variant: str) -> Path:
+    """Where `variant`'s library is cached: named by the source and flags, so an edit means a new build."""
+    flags = VARIANTS[variant][0] + COMMON_CFLAGS
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    return cache_dir() / f"merge_cpu-{variant}-{digest}.so"
+
+
+def build(variant: str) -> Path | None:
+    """`variant`'s shared library: the cached one, else built now; None if it is not cached and
+    cannot be built here (no compiler, a failed build, an unwritable cache)."""
+    if not SOURCE.exists():
         return None
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"merge_cpu-{digest}.so"
+    target = library_path(variant)
     if target.exists():
         return target
+    compiler = _compiler()
+    if compiler is None:
+        return None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Built under a temporary name and renamed: processes building at once never load half a file.
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             partial = Path(scratch) / target.name
-            subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(partial)], check=True,
-                           capture_output=True, timeout=120)
+            subprocess.run([compiler, *VARIANTS[variant][0], *COMMON_CFLAGS, str(SOURCE), "-o", str(partial)],
+                           check=True, capture_output=True, timeout=120)
             os.replace(partial, target)
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", b"") or b""
-        log.warning("fused CPU merge kernel not built (%s%s); the torch path merges instead", error,
+        log.warning("fused CPU merge kernel (%s) not built (%s%s); the torch path merges instead", variant, error,
                     f": {detail.decode(errors='replace')[:500]}" if detail else "")
         return None
     return target
 
 
-@functools.cache
 def _kernel():
-    """The C function, or None where it is not to be used (see the module docstring)."""
-    if os.environ.get("QUIVER_CPU_KERNEL", "1") == "0" or not _cpu_has_avx512():
-        return None
-    path = build()
+    """The C function QUIVER_CPU_KERNEL and the CPU select, or None (see the module docstring)."""
+    variant = chosen_variant()
+    return None if variant is None else _load(variant)
+
+
+@functools.cache
+def _load(variant: str):
+    path = build(variant)
     if path is None:
         return None
     try:
@@ -111,7 +148,7 @@ def _kernel():
     function.argtypes = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer, integer, pointer]
     function.restype = None
     if not _matches_reference(function):
-        log.warning("fused CPU merge kernel differs from the torch reference on this machine; not used")
+        log.warning("fused CPU merge kernel (%s) differs from the torch reference on this machine; not used", variant)
         return None
     return function
 
@@ -181,3 +218,11 @@ def _matches_reference(function) -> bool:
         if not torch.equal(out.view(torch.int16), reference_rows_bf16(weight, Bs, As, scales).view(torch.int16)):
             return False
     return True
+
+
+if __name__ == "__main__":  # the Docker build stage: every variant into QUIVER_KERNEL_CACHE
+    for name in VARIANTS:
+        built = build(name)
+        if built is None:
+            raise SystemExit(f"merge_cpu: the {name} variant did not build (is a C compiler installed?)")
+        print(built)

@@ -1,14 +1,15 @@
 """kernels.merge_cpu: the fused C merge of bf16 weights against the torch reference, bit for bit,
-on row and column tails, several adapters, negative and non-power-of-two scales, infinities, a NaN,
-a signed zero and values that round to infinity; its input checks; and where it is not used. The
-streaming merge through it is tested against PEFT in tests/test_streaming_merge.py."""
+in each build this CPU runs (AVX-512, AVX2), on row and column tails, several adapters, negative and
+non-power-of-two scales, infinities, a NaN, a signed zero and values that round to infinity; its
+input checks; how a build is chosen, cached and found without a compiler; and where it is not
+used. The streaming merge through it is tested against PEFT in tests/test_streaming_merge.py."""
 import pytest
 import torch
 
 from kernels import merge_cpu
 from kernels.merge_reference import fold_scales
 
-needs_kernel = pytest.mark.skipif(not merge_cpu.available(), reason="needs AVX-512 and a C compiler")
+needs_kernel = pytest.mark.skipif(not merge_cpu.available(), reason="needs AVX-512 or AVX2 and a C compiler")
 
 SHAPES = [(1, 1), (3, 31), (4, 32), (7, 33), (64, 100), (129, 2048)]
 ADAPTERS = [([16], [2.0]), ([1], [0.75]), ([16, 8, 3], [1.0, -0.3, 0.75]), ([64], [-1.0])]
@@ -26,10 +27,21 @@ def block(rows, columns, ranks, scales, seed=0):
     return weight, Bs, As, scales
 
 
-@needs_kernel
+@pytest.fixture(params=list(merge_cpu.VARIANTS))
+def variant(request, monkeypatch):
+    """Each build of the kernel in turn (QUIVER_CPU_KERNEL picks it), where this CPU runs it."""
+    if request.param not in merge_cpu.runnable_variants():
+        pytest.skip(f"this CPU does not run the {request.param} build")
+    monkeypatch.setenv("QUIVER_CPU_KERNEL", request.param)
+    if not merge_cpu.available():
+        pytest.skip("no C compiler here")
+    return request.param
+
+
 @pytest.mark.parametrize("rows, columns", SHAPES)
 @pytest.mark.parametrize("ranks, scales", ADAPTERS)
-def test_fused_cpu_merge_gives_the_reference_bits(rows, columns, ranks, scales):
+def test_fused_cpu_merge_gives_the_reference_bits(variant, rows, columns, ranks, scales):
+    assert merge_cpu._kernel() is merge_cpu._load(variant)
     weight, Bs, As, scales = block(rows, columns, ranks, scales, seed=rows * 4096 + columns)
     out = merge_cpu.merge_rows_bf16(weight, *merge_cpu.concat_factors(Bs, As, scales), torch.empty_like(weight))
     expected = merge_cpu.reference_rows_bf16(weight, Bs, As, scales)
@@ -50,31 +62,52 @@ def test_fused_cpu_merge_refuses_what_it_does_not_take():
         merge_cpu.merge_rows_bf16(weight.t().contiguous().t(), *factors, out)
 
 
+def test_the_widest_build_the_cpu_runs_is_chosen_unless_told_otherwise(monkeypatch):
+    flags = {"avx512": {"avx512f", "avx512bw", "fma", "avx2"}, "avx2": {"avx2", "fma"}, "none": {"sse2"}}
+    for cpu, expected in (("avx512", "avx512"), ("avx2", "avx2"), ("none", None)):
+        monkeypatch.setattr(merge_cpu, "_cpu_flags", lambda: frozenset(flags[cpu]))
+        monkeypatch.delenv("QUIVER_CPU_KERNEL", raising=False)
+        assert merge_cpu.chosen_variant() == expected
+        monkeypatch.setenv("QUIVER_CPU_KERNEL", "0")
+        assert merge_cpu.chosen_variant() is None
+        monkeypatch.setenv("QUIVER_CPU_KERNEL", "avx2")
+        assert merge_cpu.chosen_variant() == (None if cpu == "none" else "avx2")
+        monkeypatch.setenv("QUIVER_CPU_KERNEL", "avx512")
+        assert merge_cpu.chosen_variant() == (expected if cpu == "avx512" else None)  # never one the CPU lacks
+
+
 def test_no_compiler_means_no_kernel_and_the_torch_path(monkeypatch, tmp_path):
     monkeypatch.setenv("QUIVER_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang
     monkeypatch.delenv("CC", raising=False)
-    assert merge_cpu.build() is None and not list(tmp_path.iterdir())
+    assert all(merge_cpu.build(name) is None for name in merge_cpu.VARIANTS) and not list(tmp_path.iterdir())
 
 
-def test_the_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
+@pytest.mark.parametrize("name", list(merge_cpu.VARIANTS))
+def test_each_build_is_made_once_into_the_cache_and_then_needs_no_compiler(name, monkeypatch, tmp_path):
+    """The Docker image builds the libraries in a build stage (`python -m kernels.merge_cpu`) and
+    runs without a compiler: a cached library is used as it is."""
     if merge_cpu._compiler() is None:
         pytest.skip("no C compiler here")
     monkeypatch.setenv("QUIVER_KERNEL_CACHE", str(tmp_path))
-    first = merge_cpu.build()
+    first = merge_cpu.build(name)
     assert first is not None and first.parent == tmp_path and first.stat().st_size > 0
+    assert first == merge_cpu.library_path(name) and name in first.name
     modified = first.stat().st_mtime_ns
-    assert merge_cpu.build() == first and first.stat().st_mtime_ns == modified
+    assert merge_cpu.build(name) == first and first.stat().st_mtime_ns == modified
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CC", raising=False)
+    assert merge_cpu._compiler() is None and merge_cpu.build(name) == first
 
 
 def test_a_library_that_does_not_load_means_the_torch_path(monkeypatch, tmp_path):
     broken = tmp_path / "merge_cpu-broken.so"
     broken.write_bytes(b"not a shared library")
-    monkeypatch.setattr(merge_cpu, "_cpu_has_avx512", lambda: True)
-    monkeypatch.setattr(merge_cpu, "build", lambda: broken)
-    merge_cpu._kernel.cache_clear()
+    monkeypatch.setattr(merge_cpu, "chosen_variant", lambda: "avx512")
+    monkeypatch.setattr(merge_cpu, "build", lambda variant: broken)
+    merge_cpu._load.cache_clear()
     try:
         assert merge_cpu._kernel() is None
     finally:
-        merge_cpu._kernel.cache_clear()  # the next caller loads the real one again
+        merge_cpu._load.cache_clear()  # the next caller loads the real one again

@@ -286,7 +286,7 @@ def test_a_bf16_base_merges_through_the_fused_cpu_kernel_with_the_torch_paths_an
     from kernels import merge_cpu
 
     if not merge_cpu.available():
-        pytest.skip("the fused CPU merge kernel needs AVX-512 and a C compiler")
+        pytest.skip("the fused CPU merge kernel needs AVX-512 or AVX2 and a C compiler")
     calls = []
     kernel = merge_cpu.merge_rows_bf16
     monkeypatch.setattr(merge_cpu, "merge_rows_bf16", lambda *args: calls.append(1) or kernel(*args))
@@ -307,4 +307,13 @@ def test_a_bf16_base_merges_through_the_fused_cpu_kernel_with_the_torch_paths_an
     calls.clear()
     merge_checkpoint(files_in(base), adapters, root / "torch-two")
     assert not calls
-    assert (root / "fused-two" / "model.safetensors").read_bytes() == (root / "torch-two" / "model.safetensors").read_bytes()
+    torch_bytes = (root / "torch-two" / "model.safetensors").read_bytes()
+    assert (root / "fused-two" / "model.safetensors").read_bytes() == torch_bytes
+    if merge_cpu.chosen_variant() != "avx2" and "avx2" in merge_cpu.runnable_variants():
+        monkeypatch.undo()  # the real available() and merge_rows_bf16 again, now the AVX2 build
+        monkeypatch.setenv("QUIVER_CPU_KERNEL", "avx2")
+        assert merge_cpu._kernel() is merge_cpu._load("avx2") is not None
+        monkeypatch.setattr(merge_cpu, "merge_rows_bf16", lambda *args: calls.append(1) or kernel(*args))
+        merge_checkpoint(files_in(base), adapters, root / "fused-two-avx2")
+        assert calls
+        assert (root / "fused-two-avx2" / "model.safetensors").read_bytes() == torch_bytes
