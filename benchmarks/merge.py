@@ -24,11 +24,11 @@ first so every reader finds it in the page cache.
 
 Prints JSON lines: one per measurement, then the headline
 {"bench": "merge", "bytes", "copy_s", "quiver_s", "ratio_to_copy", "rss_fraction", "paired_ratios",
- "peft_s", "peft_rss_fraction", "max_abs_diff_vs_peft"}
+ "weight_files", "peft_s", "peft_rss_fraction", "max_abs_diff_vs_peft"}
 (ratio_to_copy: best merge / best copy; paired_ratios: each merge / the copy run just before it, sorted).
 Goals: ratio_to_copy ≤ 1.3, rss_fraction ≤ 0.25.
 
-    python benchmarks/merge.py [--work DIR] [--layers 10] [--keep]
+    python benchmarks/merge.py [--work DIR] [--layers 10] [--keep] [--max-shard-bytes N]
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 4  # TinyLlama-1.1B shapes
+SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default (max_shard_size="5GB")
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -145,7 +146,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def child_quiver(base: Path, adapter: Path, out: Path, device: str = "cpu") -> dict:
+def child_quiver(base: Path, adapter: Path, out: Path, device: str = "cpu", max_shard_bytes: int = SHARD_BYTES) -> dict:
     import torch
 
     from hub.formats import parse_adapter
@@ -156,7 +157,7 @@ def child_quiver(base: Path, adapter: Path, out: Path, device: str = "cpu") -> d
     baseline, cpu = current_rss(), cpu_seconds()
     start = time.perf_counter()
     parsed = parse_adapter(adapter_files)
-    merge_checkpoint(files, [(parsed, 1.0)], out, device=device)
+    merge_checkpoint(files, [(parsed, 1.0)], out, device=device, max_shard_bytes=max_shard_bytes)
     if device != "cpu":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -164,7 +165,7 @@ def child_quiver(base: Path, adapter: Path, out: Path, device: str = "cpu") -> d
             "threads": torch.get_num_threads()}
 
 
-def child_peft(base: Path, adapter: Path, out: Path) -> dict:
+def child_peft(base: Path, adapter: Path, out: Path, max_shard_bytes: int = SHARD_BYTES) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -173,17 +174,18 @@ def child_peft(base: Path, adapter: Path, out: Path) -> dict:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size=max_shard_bytes)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu, "peak_rss": peak_rss(), "baseline_rss": baseline}
 
 
-def run_child(kind: str, base: Path, adapter: Path, out: Path, device: str = "cpu") -> dict:
+def run_child(kind: str, base: Path, adapter: Path, out: Path, device: str = "cpu",
+              max_shard_bytes: int = SHARD_BYTES) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()  # start with no dirty pages from earlier steps queued for writeback
     result = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--base", str(base), "--adapter", str(adapter), "--out", str(out),
-         "--device", device],
+         "--device", device, "--max-shard-bytes", str(max_shard_bytes)],
         check=True, capture_output=True, text=True, cwd=ROOT,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -235,6 +237,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="copy / quiver runs, alternated; the best of each counts")
     parser.add_argument("--device", default="cpu",
                         help="where quiver merges the adapted tensors (cpu, or cuda on a GPU worker: the Triton kernel)")
+    parser.add_argument("--max-shard-bytes", type=int, default=SHARD_BYTES,
+                        help="shard the output above this size, as save_pretrained(max_shard_size=…) does (default "
+                             "transformers' 5 GB: one file here); smaller values measure the merge writing shards "
+                             "in parallel")
     parser.add_argument("--child", choices=["quiver", "peft"])
     parser.add_argument("--base", type=Path)
     parser.add_argument("--adapter", type=Path)
@@ -243,9 +249,9 @@ def main() -> None:
 
     if args.child:
         if args.child == "quiver":
-            result = child_quiver(args.base, args.adapter, args.out, args.device)
+            result = child_quiver(args.base, args.adapter, args.out, args.device, args.max_shard_bytes)
         else:
-            result = child_peft(args.base, args.adapter, args.out)
+            result = child_peft(args.base, args.adapter, args.out, args.max_shard_bytes)
         print(json.dumps(result))
         return
 
@@ -276,7 +282,7 @@ def main() -> None:
             print(json.dumps({"bench": "merge.copy", "run": run, "bytes": size, "seconds": round(copy_s, 3),
                               "cpu_s": round(copy_cpu, 3), "gb_per_s": round(size / copy_s / 1e9, 3),
                               "loadavg_1m": os.getloadavg()[0]}), flush=True)
-            quiver = run_child("quiver", base, adapter, work / "quiver-out", args.device)
+            quiver = run_child("quiver", base, adapter, work / "quiver-out", args.device, args.max_shard_bytes)
             quiver["rss_fraction"] = (quiver["peak_rss"] - quiver["baseline_rss"]) / size
             merges.append(quiver)
             print(json.dumps({"bench": "merge.quiver", "run": run, "seconds": round(quiver["seconds"], 3),
@@ -292,9 +298,10 @@ def main() -> None:
         paired = sorted(m["seconds"] / c for m, c in zip(merges, copies))
         headline = {"bench": "merge", "device": args.device, "bytes": size, "copy_s": round(copy_s, 3), "quiver_s": round(quiver_s, 3),
                     "ratio_to_copy": round(quiver_s / copy_s, 3), "rss_fraction": round(quiver_fraction, 4),
-                    "paired_ratios": [round(r, 3) for r in paired]}
+                    "paired_ratios": [round(r, 3) for r in paired],
+                    "weight_files": len(list((work / "quiver-out").glob("model*.safetensors")))}
         if not args.skip_peft:
-            peft = run_child("peft", base, adapter, work / "peft-out")
+            peft = run_child("peft", base, adapter, work / "peft-out", max_shard_bytes=args.max_shard_bytes)
             peft_fraction = (peft["peak_rss"] - peft["baseline_rss"]) / size
             print(json.dumps({"bench": "merge.peft", "seconds": round(peft["seconds"], 3), "cpu_s": round(peft["cpu_s"], 3),
                               "peak_rss_bytes": peft["peak_rss"], "baseline_rss_bytes": peft["baseline_rss"],

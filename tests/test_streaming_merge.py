@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from hub.demo.builders import LLAMA_LINEAR, build_peft_adapter, build_tiny_llama
 from hub.formats import parse_adapter, read_safetensors_header
 from hub.formats.safetensors_header import BASE_MODEL_DTYPES
-from kernels.streaming_merge import merge_checkpoint
+from kernels.streaming_merge import SafetensorsStreamWriter, merge_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,6 +183,36 @@ def test_sharded_base_gives_sharded_output_like_transformers(built):
     # re-merging into the sharded folder as one file replaces the shards and the index
     merge_checkpoint(files_in(built["sharded"]), [(adapter, 1.0)], out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_two_workers_write_two_shards_at_a_time_with_the_same_bytes(built, monkeypatch):
+    """Writes into one file take turns on its inode lock; with two workers two shards are written
+    at once, their tasks interleaved (claims alternate between files), and every shard's bytes are
+    those of the merge that writes shard after shard (one worker)."""
+    adapter = parse_adapter(files_in(built["adapters"]["pattern"]))
+    claims: list[str] = []
+    claim = SafetensorsStreamWriter.claim
+    monkeypatch.setattr(SafetensorsStreamWriter, "claim",
+                        lambda self, name, nbytes: claims.append(self.path.name) or claim(self, name, nbytes))
+    previous = torch.get_num_threads()
+    outputs = {}
+    try:
+        for workers in (2, 1):
+            torch.set_num_threads(workers)
+            claims.clear()
+            outputs[workers] = built["root"] / f"interleaved-{workers}"
+            merge_checkpoint(files_in(built["sharded"]), [(adapter, 1.0)], outputs[workers], max_shard_bytes=100_000)
+            files = list(dict.fromkeys(claims))  # in the order they were started
+            assert len(files) > 2
+            first_of_second = claims.index(files[1])
+            last_of_first = len(claims) - 1 - claims[::-1].index(files[0])
+            assert (first_of_second < last_of_first) == (workers == 2)
+    finally:
+        torch.set_num_threads(previous)
+    shards = sorted(p.name for p in outputs[1].iterdir())
+    assert shards == sorted(p.name for p in outputs[2].iterdir())
+    for name in shards:
+        assert (outputs[1] / name).read_bytes() == (outputs[2] / name).read_bytes()
 
 
 def test_a_failed_merge_leaves_no_partial_files(built):
