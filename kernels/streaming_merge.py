@@ -104,7 +104,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -137,6 +137,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 KOHYA_PREFIX = re.compile(r"^lora_(?:unet|te\d?)_")
 
 Progress = Callable[[float, str], None]
+Task = tuple[Callable[[int], None], int, Callable[[], None] | None]  # fn(arg), then what follows it
 
 
 # ----------------------------------------------------------------------
@@ -516,10 +517,8 @@ def merge_checkpoint(
                                            written)
 
             try:
-                _run_shards(
-                    [(open_shard, name, shard, shard_tasks) for name, shard in zip(names, shards)],
-                    blocks, streams=workers if blocks is not None else 1,
-                )
+                _run_shards(list(zip(names, shards)), open_shard, shard_tasks, blocks,
+                            streams=workers if blocks is not None else 1)
             finally:
                 if blocks is not None:
                     blocks.cancel()  # nothing left after a success; after a failure, running blocks finish first
@@ -575,14 +574,16 @@ def merge_checkpoint(
     return head + weight_paths + [out_dir / name for name in sorted(others)]
 
 
-Task = tuple[Callable[[int], None], int, Callable[[], None] | None]  # fn(arg), then what follows it
-
-
-def _run_shards(shards, blocks: _RowBlockPipeline | None, streams: int) -> None:
-    """Write the shards, up to `streams` at a time, their tasks interleaved one by one.
-
-    shards: (open_shard, name, planned tensors, shard_tasks) each; open_shard(name, tensors) gives
-    the shard's writer, shard_tasks(writer, tensors) its tasks, lazily. Why interleave: ext4 (like
+def _run_shards(
+    shards: list[tuple[str, list[_PlannedTensor]]],
+    open_shard: Callable[[str, list[_PlannedTensor]], SafetensorsStreamWriter],
+    shard_tasks: Callable[[SafetensorsStreamWriter, list[_PlannedTensor]], Iterator[Task]],
+    blocks: _RowBlockPipeline | None,
+    streams: int,
+) -> None:
+    """Write the shards (name, planned tensors), up to `streams` at a time, their tasks interleaved
+    one by one: open_shard(name, tensors) gives a shard's writer, shard_tasks(writer, tensors) its
+    tasks, lazily (tasks exist only with the row-block pipeline). Why interleave: ext4 (like
     most file systems) takes a file's inode lock for each buffered write, so two threads writing
     one file take turns, the waiting one spinning; two files take writes at once. With one worker
     per shard in flight a sharded merge writes in parallel (two threads writing 1.14 GB from cache:
@@ -592,7 +593,7 @@ def _run_shards(shards, blocks: _RowBlockPipeline | None, streams: int) -> None:
     active: deque = deque()
     while waiting or active:
         while waiting and len(active) < streams:
-            open_shard, name, tensors, shard_tasks = waiting.popleft()
+            name, tensors = waiting.popleft()
             writer = open_shard(name, tensors)
             active.append((writer, shard_tasks(writer, tensors)))
         writer, tasks = active.popleft()
@@ -603,7 +604,7 @@ def _run_shards(shards, blocks: _RowBlockPipeline | None, streams: int) -> None:
             else:
                 blocks.after(writer.close)
             continue
-        blocks.submit(*task)  # only the row-block pipeline makes tasks
+        blocks.submit(*task)
         active.append((writer, tasks))
     if blocks is not None:
         blocks.drain()
