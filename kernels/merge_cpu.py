@@ -1,6 +1,7 @@
 """The fused CPU merge of bf16 weights (`merge_cpu.c`): built, loaded and checked here.
 
     merge_rows_bf16(weight, B, A, bounds, scales, out)   # out = bf16(W + Σₜ sₜ·Bₜ·Aₜ), one block
+    merge_rows_bf16_to_file(weight, B, A, bounds, scales, buffer, fd, offset)   # many rows, to a file
     available() -> bool
     python -m kernels.merge_cpu     # build every variant into the cache (a Docker build stage)
 
@@ -41,6 +42,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -128,29 +130,38 @@ def build(variant: str) -> Path | None:
     return target
 
 
-def _kernel():
-    """The C function QUIVER_CPU_KERNEL and the CPU select, or None (see the module docstring)."""
+class _Library(NamedTuple):
+    merge: ctypes._CFuncPtr  # quiver_merge_rows_bf16: one block into a buffer
+    merge_to_file: ctypes._CFuncPtr  # quiver_merge_rows_bf16_pwrite: many rows, written to a file
+
+
+def _kernel() -> _Library | None:
+    """The C functions QUIVER_CPU_KERNEL and the CPU select, or None (see the module docstring)."""
     variant = chosen_variant()
     return None if variant is None else _load(variant)
 
 
 @functools.cache
-def _load(variant: str):
+def _load(variant: str) -> _Library | None:
     path = build(variant)
     if path is None:
         return None
     try:
-        function = ctypes.CDLL(str(path)).quiver_merge_rows_bf16
+        library = ctypes.CDLL(str(path))
+        functions = _Library(library.quiver_merge_rows_bf16, library.quiver_merge_rows_bf16_pwrite)
     except (OSError, AttributeError) as error:  # e.g. a cache shared with another architecture
         log.warning("fused CPU merge kernel not loaded from %s (%s); the torch path merges instead", path, error)
         return None
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer, integer, pointer]
-    function.restype = None
-    if not _matches_reference(function):
+    factors = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer, integer]  # W B A bounds …
+    functions.merge.argtypes = [*factors, pointer]
+    functions.merge.restype = None
+    functions.merge_to_file.argtypes = [*factors, integer, pointer, integer, integer]
+    functions.merge_to_file.restype = integer
+    if not _matches_reference(functions.merge):
         log.warning("fused CPU merge kernel (%s) differs from the torch reference on this machine; not used", variant)
         return None
-    return function
+    return functions
 
 
 def available() -> bool:
@@ -171,13 +182,41 @@ def merge_rows_bf16(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, boun
                     scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = bf16(W + Σₜ sₜ·Bₜ·Aₜ) for one block of rows (arguments from `concat_factors`, B's rows
     the block's). Only where available()."""
-    function = _kernel()
-    if function is None:
+    library = _checked(weight, B, A, bounds, scales, out, out.shape != weight.shape)
+    if weight.numel():
+        _call(library.merge, weight, B, A, bounds, scales, out)
+    return out
+
+
+def merge_rows_bf16_to_file(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bounds: torch.Tensor,
+                            scales: torch.Tensor, buffer: torch.Tensor, fd: int, offset: int) -> None:
+    """merge_rows_bf16 of all of `weight`'s rows, written to file descriptor `fd` at byte `offset`,
+    block by block through `buffer` (bf16, whole rows: its row count is the block), in one call that
+    holds no GIL. Only where available(); OSError if a write fails (what was written stays)."""
+    library = _checked(weight, B, A, bounds, scales, buffer,
+                       buffer.dim() != 2 or buffer.shape[0] < 1 or buffer.shape[1] != weight.shape[1])
+    if offset < 0:
+        raise ValueError(f"offset must not be negative, got {offset}")
+    if not weight.numel():
+        return
+    status = library.merge_to_file(weight.data_ptr(), B.data_ptr(), A.data_ptr(), bounds.data_ptr(),
+                                   scales.data_ptr(), len(scales), weight.shape[0], weight.shape[1], B.shape[1],
+                                   buffer.shape[0], buffer.data_ptr(), fd, offset)
+    if status:
+        raise OSError(-status, f"fused CPU merge: writing at byte {offset} of fd {fd}: {os.strerror(-status)}")
+
+
+def _checked(weight, B, A, bounds, scales, out, out_mismatch: bool) -> _Library:
+    """The kernel's functions, after checking the arguments both take (`out`: the block buffer)."""
+    library = _kernel()
+    if library is None:
         raise RuntimeError("the fused CPU merge kernel is not available on this machine")
+    if weight.dim() != 2:
+        raise ValueError(f"the fused CPU merge takes a 2-D weight, got shape {list(weight.shape)}")
     rows, columns = weight.shape
     if not (weight.dtype == out.dtype == torch.bfloat16 and B.dtype == A.dtype == torch.float32):
         raise ValueError("the fused CPU merge takes bf16 weights and float32 factors")
-    if out.shape != weight.shape or B.shape[0] != rows or A.shape[1] != columns or B.shape[1] != A.shape[0]:
+    if out_mismatch or B.shape[0] != rows or A.shape[1] != columns or B.shape[1] != A.shape[0]:
         raise ValueError(f"shapes do not agree: W {list(weight.shape)}, B {list(B.shape)}, A {list(A.shape)}, "
                          f"out {list(out.shape)}")
     if not all(t.is_contiguous() and t.device.type == "cpu" for t in (weight, B, A, bounds, scales, out)):
@@ -185,9 +224,7 @@ def merge_rows_bf16(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, boun
     if bounds.dtype != torch.int64 or scales.dtype != torch.float32 or len(bounds) != len(scales) + 1 \
             or int(bounds[-1]) != A.shape[0]:
         raise ValueError("bounds must be int64 rank offsets (one more than scales, ending at A's rows)")
-    if weight.numel():
-        _call(function, weight, B, A, bounds, scales, out)
-    return out
+    return library
 
 
 def _call(function, weight, B, A, bounds, scales, out) -> None:

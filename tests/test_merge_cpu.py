@@ -3,6 +3,8 @@ in each build this CPU runs (AVX-512, AVX2), on row and column tails, several ad
 non-power-of-two scales, infinities, a NaN, a signed zero and values that round to infinity; its
 input checks; how a build is chosen, cached and found without a compiler; and where it is not
 used. The streaming merge through it is tested against PEFT in tests/test_streaming_merge.py."""
+import errno
+
 import pytest
 import torch
 
@@ -47,6 +49,38 @@ def test_fused_cpu_merge_gives_the_reference_bits(variant, rows, columns, ranks,
     expected = merge_cpu.reference_rows_bf16(weight, Bs, As, scales)
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
     assert weight.numel() <= 5 or not torch.equal(out, weight)  # the update is there (beyond the specials)
+
+
+@pytest.mark.parametrize("rows, columns, block_rows", [(1, 1, 1), (7, 33, 3), (129, 2048, 32), (64, 100, 64)])
+def test_fused_cpu_merge_to_a_file_writes_the_reference_bytes_at_the_offset(variant, rows, columns, block_rows,
+                                                                             tmp_path):
+    """Block by block through a buffer of `block_rows` rows (the last block shorter), written at an
+    odd offset of a file that has other bytes around that range: those stay as they were."""
+    weight, Bs, As, scales = block(rows, columns, [16, 8, 3], [1.0, -0.3, 0.75], seed=rows + columns)
+    expected = merge_cpu.reference_rows_bf16(weight, Bs, As, scales).view(torch.uint8).numpy().tobytes()
+    path, offset = tmp_path / "out.bin", 13
+    path.write_bytes(b"\xaa" * (offset + len(expected) + 5))
+    with path.open("r+b") as handle:
+        merge_cpu.merge_rows_bf16_to_file(weight, *merge_cpu.concat_factors(Bs, As, scales),
+                                          torch.empty(block_rows, columns, dtype=torch.bfloat16), handle.fileno(), offset)
+    written = path.read_bytes()
+    assert written[offset:offset + len(expected)] == expected
+    assert written[:offset] == b"\xaa" * offset and written[offset + len(expected):] == b"\xaa" * 5
+
+
+def test_fused_cpu_merge_to_a_file_raises_the_write_error(variant, tmp_path):
+    weight, Bs, As, scales = block(8, 40, [4], [1.0])
+    factors = merge_cpu.concat_factors(Bs, As, scales)
+    buffer = torch.empty(4, 40, dtype=torch.bfloat16)
+    path = tmp_path / "read-only.bin"
+    path.write_bytes(b"")
+    with path.open("rb") as handle, pytest.raises(OSError, match="Bad file descriptor") as raised:
+        merge_cpu.merge_rows_bf16_to_file(weight, *factors, buffer, handle.fileno(), 0)
+    assert raised.value.errno == errno.EBADF and path.read_bytes() == b""
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        merge_cpu.merge_rows_bf16_to_file(weight, *factors, torch.empty(4, 41, dtype=torch.bfloat16), 1, 0)
+    with pytest.raises(ValueError, match="offset"):
+        merge_cpu.merge_rows_bf16_to_file(weight, *factors, buffer, 1, -1)
 
 
 @needs_kernel

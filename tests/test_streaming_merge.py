@@ -310,7 +310,7 @@ def test_peak_memory_stays_well_below_the_checkpoint_size(tmp_path):
 
 
 def test_a_bf16_base_merges_through_the_fused_cpu_kernel_with_the_torch_paths_and_peft_bits(built, monkeypatch):
-    """bf16 in and out: row blocks go through kernels/merge_cpu.c where this machine runs it, and
+    """bf16 in and out: pieces of rows go through kernels/merge_cpu.c where this machine runs it, and
     the bytes are PEFT's (one rsLoRA adapter: a scale that is not a power of two) and the torch
     path's (two adapters with different targets, a rank pattern and weights 1 and −0.3)."""
     from kernels import merge_cpu
@@ -318,8 +318,8 @@ def test_a_bf16_base_merges_through_the_fused_cpu_kernel_with_the_torch_paths_an
     if not merge_cpu.available():
         pytest.skip("the fused CPU merge kernel needs AVX-512 or AVX2 and a C compiler")
     calls = []
-    kernel = merge_cpu.merge_rows_bf16
-    monkeypatch.setattr(merge_cpu, "merge_rows_bf16", lambda *args: calls.append(1) or kernel(*args))
+    kernel = merge_cpu.merge_rows_bf16_to_file
+    monkeypatch.setattr(merge_cpu, "merge_rows_bf16_to_file", lambda *args: calls.append(1) or kernel(*args))
     root = built["root"]
     base = root / "base-bf16"
     merge_checkpoint(files_in(built["base"]), [], base, dtype="bfloat16")
@@ -340,10 +340,10 @@ def test_a_bf16_base_merges_through_the_fused_cpu_kernel_with_the_torch_paths_an
     torch_bytes = (root / "torch-two" / "model.safetensors").read_bytes()
     assert (root / "fused-two" / "model.safetensors").read_bytes() == torch_bytes
     if merge_cpu.chosen_variant() != "avx2" and "avx2" in merge_cpu.runnable_variants():
-        monkeypatch.undo()  # the real available() and merge_rows_bf16 again, now the AVX2 build
+        monkeypatch.undo()  # the real available() and kernel again, now the AVX2 build
         monkeypatch.setenv("QUIVER_CPU_KERNEL", "avx2")
         assert merge_cpu._kernel() is merge_cpu._load("avx2") is not None
-        monkeypatch.setattr(merge_cpu, "merge_rows_bf16", lambda *args: calls.append(1) or kernel(*args))
+        monkeypatch.setattr(merge_cpu, "merge_rows_bf16_to_file", lambda *args: calls.append(1) or kernel(*args))
         merge_checkpoint(files_in(base), adapters, root / "fused-two-avx2")
         assert calls
         assert (root / "fused-two-avx2" / "model.safetensors").read_bytes() == torch_bytes
