@@ -185,6 +185,33 @@ def test_sharded_base_gives_sharded_output_like_transformers(built):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
+def test_the_stream_writer_takes_each_declared_tensor_once_in_any_order(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(5, dtype=torch.bfloat16),
+               "c": torch.tensor([7], dtype=torch.int64)}
+    dtypes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
+    writer = SafetensorsStreamWriter(tmp_path / "out.safetensors",
+                                     [(name, dtypes[t.dtype], tuple(t.shape)) for name, t in tensors.items()])
+    writer.write_tensor("c", tensors["c"])
+    with pytest.raises(ValueError, match="declared with 10 bytes, got 12"):
+        writer.claim("b", 12)
+    offset = writer.claim("a", 24)  # claimed now, written below
+    writer.write_tensor("b", tensors["b"])
+    for name, nbytes in (("b", 10), ("nope", 4)):
+        with pytest.raises(ValueError, match="not declared, or was claimed already"):
+            writer.claim(name, nbytes)
+    writer.write_at(offset, memoryview(tensors["a"].numpy()).cast("B"))
+    writer.close()
+    loaded = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+    unfinished = SafetensorsStreamWriter(tmp_path / "unfinished.safetensors", [("a", "F32", (2,)), ("b", "F32", (1,))])
+    unfinished.write_tensor("b", torch.ones(1))
+    with pytest.raises(ValueError, match="closed before tensor 'a' was written"):
+        unfinished.close()
+
+
 def test_two_workers_write_two_shards_at_a_time_with_the_same_bytes(built, monkeypatch):
     """Writes into one file take turns on its inode lock; with two workers two shards are written
     at once, their tasks interleaved (claims alternate between files), and every shard's bytes are
