@@ -47,15 +47,16 @@ Memory stays near one tensor, never the model:
   lock, writes into two files do not. Within a shard, the kernel copies of
   untouched tensors are interleaved with the merges by bytes (`_interleaved`).
 * Measured (`benchmarks/merge.py`: 1.14 GB bf16 Llama, 10 layers, r=16 on
-  every linear layer; 2 vCPUs shared with other work, load ≈ 5.8): 1.05 s,
-  0.97 CPU-s, bit-exact with PEFT (whose merge_and_unload + save_pretrained
-  took 14.9 s); the plain copy of the file 0.36 s, 0.32 CPU-s; peak RSS
-  growth 7.5 % of the checkpoint. Where the time goes (one thread, per
-  weight): addmm_ (rank-16 matmul and add) ≈ 0.5 ns, the bf16→fp32 upcast
-  from the page cache (with its page faults) ≈ 0.3 ns, rounding ≈ 0.13 ns,
-  then writing ≈ 0.23 ns per byte, what the copy spends too. The merge is
-  CPU-bound at about 3× the copy's CPU time, so it gets near the copy's
-  wall time only with cores to spare.
+  every linear layer; 2 vCPUs shared with other work): 0.42–0.48 s and
+  0.77–0.84 CPU-s with the fused kernel, bit-exact with PEFT (whose
+  merge_and_unload + save_pretrained took 15–17 s); the plain copy of the
+  file 0.30–0.40 s in its fast mode; peak RSS growth 8–9 % of the
+  checkpoint. Where the CPU goes: the kernel ≈ 30 % (its FMAs are at one
+  core's AVX-512 rate; W read through fresh mappings costs the rest),
+  page-cache writes and the kernel copies ≈ 45 %, what the copy spends too,
+  and spinning on the file's inode lock ≈ 9 %. The merge is CPU-bound at
+  about 2.4× the copy's CPU time, so it gets near the copy's wall time
+  only with cores to spare.
 * Files are written under hidden temporary names in `out_dir` and renamed
   into place only when everything has been written (weights, then index,
   then config.json), so no partial checkpoint is ever visible; a failure
