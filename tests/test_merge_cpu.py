@@ -61,8 +61,9 @@ def test_fused_cpu_merge_to_a_file_writes_the_reference_bytes_at_the_offset(vari
     path, offset = tmp_path / "out.bin", 13
     path.write_bytes(b"\xaa" * (offset + len(expected) + 5))
     with path.open("r+b") as handle:
-        merge_cpu.merge_rows_bf16_to_file(weight, *merge_cpu.concat_factors(Bs, As, scales),
-                                          torch.empty(block_rows, columns, dtype=torch.bfloat16), handle.fileno(), offset)
+        buffer = torch.empty(block_rows, columns, dtype=torch.bfloat16)
+        merge_cpu.merge_rows_bf16_to_file(weight, *merge_cpu.concat_factors(Bs, As, scales), buffer, handle.fileno(),
+                                          offset)
     written = path.read_bytes()
     assert written[offset:offset + len(expected)] == expected
     assert written[:offset] == b"\xaa" * offset and written[offset + len(expected):] == b"\xaa" * 5
