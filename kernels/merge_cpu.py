@@ -96,10 +96,13 @@ def _compiler() -> str | None:
     return next((path for path in found if path), None)
 
 
+def _cflags(variant: str) -> list[str]:
+    return VARIANTS[variant][0] + COMMON_CFLAGS
+
+
 def library_path(variant: str) -> Path:
     """Where `variant`'s library is cached: named by the source and flags, so an edit means a new build."""
-    flags = VARIANTS[variant][0] + COMMON_CFLAGS
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_cflags(variant)).encode()).hexdigest()[:16]
     return cache_dir() / f"merge_cpu-{variant}-{digest}.so"
 
 
@@ -119,7 +122,7 @@ def build(variant: str) -> Path | None:
         # Built under a temporary name and renamed: processes building at once never load half a file.
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             partial = Path(scratch) / target.name
-            subprocess.run([compiler, *VARIANTS[variant][0], *COMMON_CFLAGS, str(SOURCE), "-o", str(partial)],
+            subprocess.run([compiler, *_cflags(variant), str(SOURCE), "-o", str(partial)],
                            check=True, capture_output=True, timeout=120)
             os.replace(partial, target)
     except (OSError, subprocess.SubprocessError) as error:
