@@ -42,9 +42,9 @@ Memory stays near one tensor, never the model:
   overlap on every core with no ordered hand-off, and only a few blocks are
   ever allocated. DoRA, a replaced tensor, or a CUDA `device` merges the
   whole tensor at once.
-* A sharded output is written up to `workers` shards at a time, their tasks
-  interleaved (`_run_shards`): writes into one file take turns on its inode
-  lock, writes into two files do not. Within a shard, the kernel copies of
+* A sharded output is written two shards at a time (`SHARD_STREAMS`, at most
+  `workers`), their tasks interleaved (`_run_shards`): writes into one file
+  take turns on its inode lock, writes into two files do not. Within a shard, the kernel copies of
   untouched tensors are interleaved with the merges by bytes (`_interleaved`).
 * Measured (`benchmarks/merge.py`: 1.14 GB bf16 Llama, 10 layers, r=16 on
   every linear layer; 2 vCPUs shared with other work): 0.42–0.48 s and
@@ -132,6 +132,9 @@ from .merge_reference import default_row_block, fold_scales, merge_rows_into
 
 CHUNK_BYTES = 16 * 2**20
 STREAM_BLOCK_BYTES = 2 * 2**20  # float32 bytes per row block (measured best of 1, 2, 4 MiB)
+# Shards written at once: two halve the writes that wait on one file's inode lock; each more would
+# keep one more tensor's mapped pages resident, and memory is to stay near one tensor.
+SHARD_STREAMS = 2
 MERGE_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -542,7 +545,7 @@ def merge_checkpoint(
 
             try:
                 _run_shards(list(zip(names, shards)), open_shard, shard_tasks, blocks,
-                            streams=workers if blocks is not None else 1)
+                            streams=min(workers, SHARD_STREAMS) if blocks is not None else 1)
             finally:
                 if blocks is not None:
                     blocks.cancel()  # nothing left after a success; after a failure, running blocks finish first
