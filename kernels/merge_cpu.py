@@ -202,9 +202,8 @@ def merge_rows_bf16_to_file(weight: torch.Tensor, B: torch.Tensor, A: torch.Tens
         raise ValueError(f"offset must not be negative, got {offset}")
     if not weight.numel():
         return
-    status = library.merge_to_file(weight.data_ptr(), B.data_ptr(), A.data_ptr(), bounds.data_ptr(),
-                                   scales.data_ptr(), len(scales), weight.shape[0], weight.shape[1], B.shape[1],
-                                   buffer.shape[0], buffer.data_ptr(), fd, offset)
+    status = library.merge_to_file(*_factor_args(weight, B, A, bounds, scales), buffer.shape[0], buffer.data_ptr(),
+                                   fd, offset)
     if status:
         raise OSError(-status, f"fused CPU merge: writing at byte {offset} of fd {fd}: {os.strerror(-status)}")
 
@@ -230,9 +229,14 @@ def _checked(weight, B, A, bounds, scales, out, out_mismatch: bool) -> _Library:
     return library
 
 
+def _factor_args(weight, B, A, bounds, scales) -> tuple[int, ...]:
+    """The arguments both C functions start with: W B A bounds scales adapters rows cols R."""
+    return (weight.data_ptr(), B.data_ptr(), A.data_ptr(), bounds.data_ptr(), scales.data_ptr(),
+            len(scales), weight.shape[0], weight.shape[1], B.shape[1])
+
+
 def _call(function, weight, B, A, bounds, scales, out) -> None:
-    function(weight.data_ptr(), B.data_ptr(), A.data_ptr(), bounds.data_ptr(), scales.data_ptr(),
-             len(scales), weight.shape[0], weight.shape[1], B.shape[1], out.data_ptr())
+    function(*_factor_args(weight, B, A, bounds, scales), out.data_ptr())
 
 
 def reference_rows_bf16(weight: torch.Tensor, Bs: list[torch.Tensor], As: list[torch.Tensor],
