@@ -8,8 +8,9 @@
  *   torch's vectorised conversion writes it).
  *
  * Why: the torch reference makes three passes over a float32 block (upcast, addmm_, round), about
- * 0.8 ns per weight on one core; this reads W once, keeps a 4-row tile's products in vector
- * registers (each A load serves 4 rows) and writes bf16 once: about 0.37 ns per weight (AVX-512).
+ * 0.8 ns per weight on one core; this reads W once, keeps a tile's products in vector registers
+ * (8 rows × 32 columns with AVX-512, 4 × 16 with AVX2: each A load serves every row of the tile) and
+ * writes bf16 once: about 0.33 ns per weight (AVX-512, r = 16).
  *
  * One source, two builds (kernels/merge_cpu.py picks the one the CPU runs): with -mavx512f
  * -mavx512bw -mfma the vectors are 16 floats, with -mavx2 -mfma 8 (hosts without AVX-512: AMD
@@ -28,6 +29,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__)
 #define LANES 16
+#define TILE_ROWS 8 /* 16 product registers of 32: fastest of 4, 6, 8, 10 and 12 rows (and of 8-16 rows × 16 columns) */
 typedef __m512 vec;
 #define vec_load _mm512_loadu_ps
 #define vec_set1 _mm512_set1_ps
@@ -50,6 +52,7 @@ static inline void store_bf16(uint16_t *p, vec v) {
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define LANES 8
+#define TILE_ROWS 4 /* 8 product registers of 16: fastest of 2, 3 and 4 rows (and of 4 rows × 8 columns) */
 typedef __m256 vec;
 #define vec_load _mm256_loadu_ps
 #define vec_set1 _mm256_set1_ps
@@ -76,8 +79,8 @@ static inline void store_bf16(uint16_t *p, vec v) {
 #error "merge_cpu.c is built with -mavx512f -mavx512bw -mfma or with -mavx2 -mfma"
 #endif
 
-#define TILE_ROWS 4
-#define TILE_COLS (2 * LANES) /* two vectors of float32 per row */
+#define VPR 2 /* vectors of float32 per tile row */
+#define TILE_COLS (VPR * LANES)
 
 /* One element in the same order (the tails of a block: last rows and columns). */
 static uint16_t merge_element(const uint16_t *w_row, const float *b_row, const float *A, const int64_t *bounds,
@@ -102,69 +105,77 @@ static uint16_t merge_element(const uint16_t *w_row, const float *b_row, const f
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+/* Rows i … i + tile_rows − 1 in tiles of tile_rows × TILE_COLS, their products held in vector
+ * registers (each load of A serves tile_rows rows), then the columns past the last whole tile one
+ * element at a time. Always inlined with a constant tile_rows, so the loops over r unroll. */
+static inline __attribute__((always_inline)) void merge_row_tile(
+        const uint16_t *W, const float *B, const float *A, const int64_t *bounds, const float *scales,
+        int64_t adapters, int64_t rows, int64_t cols, int64_t R, uint16_t *out, int64_t i, const int tile_rows) {
+    int64_t j0 = 0;
+    for (; j0 + TILE_COLS <= cols; j0 += TILE_COLS) {
+        vec acc[TILE_ROWS][VPR]; /* tile_rows ≤ TILE_ROWS of them used */
+        /* The next tile's lines at this column, one tile ahead: a row is often one page (2048 bf16),
+         * where the hardware prefetcher starts cold, and W comes from a fresh mapping of the page
+         * cache (3-4 % less merge time in benchmarks/merge.py). */
+        if (i + 2 * tile_rows <= rows)
+            for (int r = 0; r < tile_rows; r++)
+                _mm_prefetch((const char *)(W + (i + tile_rows + r) * cols + j0), _MM_HINT_T1);
+        for (int r = 0; r < tile_rows; r++)
+            for (int c = 0; c < VPR; c++)
+                acc[r][c] = load_bf16(W + (i + r) * cols + j0 + c * LANES);
+        for (int64_t t = 0; t < adapters; t++) {
+            int64_t k0 = bounds[t], k1 = bounds[t + 1];
+            if (k1 == k0)
+                continue;
+            vec d[TILE_ROWS][VPR], a[VPR];
+            for (int c = 0; c < VPR; c++)
+                a[c] = vec_load(A + k0 * cols + j0 + c * LANES);
+            for (int r = 0; r < tile_rows; r++) {
+                vec b = vec_set1(B[(i + r) * R + k0]);
+                for (int c = 0; c < VPR; c++)
+                    d[r][c] = vec_mul(b, a[c]);
+            }
+            for (int64_t k = k0 + 1; k < k1; k++) {
+                for (int c = 0; c < VPR; c++)
+                    a[c] = vec_load(A + k * cols + j0 + c * LANES);
+                for (int r = 0; r < tile_rows; r++) {
+                    vec b = vec_set1(B[(i + r) * R + k]);
+                    for (int c = 0; c < VPR; c++)
+                        d[r][c] = vec_fma(b, a[c], d[r][c]);
+                }
+            }
+            if (scales[t] != 1.0f) {
+                vec s = vec_set1(scales[t]);
+                for (int r = 0; r < tile_rows; r++)
+                    for (int c = 0; c < VPR; c++)
+                        d[r][c] = vec_mul(d[r][c], s);
+            }
+            for (int r = 0; r < tile_rows; r++)
+                for (int c = 0; c < VPR; c++)
+                    acc[r][c] = vec_add(acc[r][c], d[r][c]);
+        }
+        for (int r = 0; r < tile_rows; r++)
+            for (int c = 0; c < VPR; c++)
+                store_bf16(out + (i + r) * cols + j0 + c * LANES, acc[r][c]);
+    }
+    for (int r = 0; r < tile_rows; r++)
+        for (int64_t j = j0; j < cols; j++)
+            out[(i + r) * cols + j] = merge_element(W + (i + r) * cols, B + (i + r) * R, A, bounds, scales,
+                                                    adapters, cols, j);
+}
+
 void quiver_merge_rows_bf16(const uint16_t *W, const float *B, const float *A, const int64_t *bounds,
                             const float *scales, int64_t adapters, int64_t rows, int64_t cols, int64_t R,
                             uint16_t *out) {
     int64_t i = 0;
-    for (; i + TILE_ROWS <= rows; i += TILE_ROWS) {
-        int64_t j0 = 0;
-        for (; j0 + TILE_COLS <= cols; j0 += TILE_COLS) {
-            vec acc[TILE_ROWS][2];
-            /* The next 4 rows' line at this column, one tile row ahead: a row is often one page
-             * (2048 bf16), where the hardware prefetcher starts cold, and W comes from a fresh
-             * mapping of the page cache (3-4 % less merge time in benchmarks/merge.py). */
-            if (i + 2 * TILE_ROWS <= rows)
-                for (int r = 0; r < TILE_ROWS; r++)
-                    _mm_prefetch((const char *)(W + (i + TILE_ROWS + r) * cols + j0), _MM_HINT_T1);
-            for (int r = 0; r < TILE_ROWS; r++) {
-                acc[r][0] = load_bf16(W + (i + r) * cols + j0);
-                acc[r][1] = load_bf16(W + (i + r) * cols + j0 + LANES);
-            }
-            for (int64_t t = 0; t < adapters; t++) {
-                int64_t k0 = bounds[t], k1 = bounds[t + 1];
-                if (k1 == k0)
-                    continue;
-                vec d[TILE_ROWS][2];
-                vec a0 = vec_load(A + k0 * cols + j0), a1 = vec_load(A + k0 * cols + j0 + LANES);
-                for (int r = 0; r < TILE_ROWS; r++) {
-                    vec b = vec_set1(B[(i + r) * R + k0]);
-                    d[r][0] = vec_mul(b, a0);
-                    d[r][1] = vec_mul(b, a1);
-                }
-                for (int64_t k = k0 + 1; k < k1; k++) {
-                    a0 = vec_load(A + k * cols + j0);
-                    a1 = vec_load(A + k * cols + j0 + LANES);
-                    for (int r = 0; r < TILE_ROWS; r++) {
-                        vec b = vec_set1(B[(i + r) * R + k]);
-                        d[r][0] = vec_fma(b, a0, d[r][0]);
-                        d[r][1] = vec_fma(b, a1, d[r][1]);
-                    }
-                }
-                if (scales[t] != 1.0f) {
-                    vec s = vec_set1(scales[t]);
-                    for (int r = 0; r < TILE_ROWS; r++) {
-                        d[r][0] = vec_mul(d[r][0], s);
-                        d[r][1] = vec_mul(d[r][1], s);
-                    }
-                }
-                for (int r = 0; r < TILE_ROWS; r++) {
-                    acc[r][0] = vec_add(acc[r][0], d[r][0]);
-                    acc[r][1] = vec_add(acc[r][1], d[r][1]);
-                }
-            }
-            for (int r = 0; r < TILE_ROWS; r++) {
-                store_bf16(out + (i + r) * cols + j0, acc[r][0]);
-                store_bf16(out + (i + r) * cols + j0 + LANES, acc[r][1]);
-            }
-        }
-        for (int r = 0; r < TILE_ROWS; r++)
-            for (int64_t j = j0; j < cols; j++)
-                out[(i + r) * cols + j] = merge_element(W + (i + r) * cols, B + (i + r) * R, A, bounds, scales,
-                                                        adapters, cols, j);
-    }
+    for (; i + TILE_ROWS <= rows; i += TILE_ROWS)
+        merge_row_tile(W, B, A, bounds, scales, adapters, rows, cols, R, out, i, TILE_ROWS);
+#if TILE_ROWS > 4
+    for (; i + 4 <= rows; i += 4) /* a remainder of 4 or more rows still goes 4 at a time */
+        merge_row_tile(W, B, A, bounds, scales, adapters, rows, cols, R, out, i, 4);
+#endif
     for (; i < rows; i++)
-        for (int64_t j = 0; j < cols; j++)
-            out[i * cols + j] = merge_element(W + i * cols, B + i * R, A, bounds, scales, adapters, cols, j);
+        merge_row_tile(W, B, A, bounds, scales, adapters, rows, cols, R, out, i, 1);
 }
 
 /* The same merge of `rows` rows, written to file `fd` at byte `offset`: block by block (`row_block`

@@ -7,9 +7,9 @@
 
 Same bits as the torch reference (`merge_reference.merge_rows_into`, then one rounding), at less
 than half its CPU time: the reference makes three passes over a float32 copy of the block (upcast,
-`addmm_`, round); the C kernel reads W once, keeps a 4-row tile's products in vector registers and
-writes bf16 once (one core, r = 16, ns per weight: AVX-512 0.37–0.43, AVX2 0.58–0.63, the torch
-path 0.77–0.82).
+`addmm_`, round); the C kernel reads W once, keeps a tile's products in vector registers and writes
+bf16 once (one core, r = 16, ns per weight: AVX-512 0.31–0.34 in 8-row tiles, 0.34–0.38 in the
+4-row tiles it had before; AVX2 0.55–0.58; the torch path 0.77–0.82).
 
 One source, two builds (`VARIANTS`): AVX-512 (16 floats a vector) where the CPU has AVX-512 F, BW
 and FMA, else AVX2 (8 floats) where it has AVX2 and FMA: AMD before Zen 4, Intel before

@@ -10,10 +10,11 @@ import torch
 
 from kernels import merge_cpu
 from kernels.merge_reference import fold_scales
+from tests.conftest import require_kernel
 
-needs_kernel = pytest.mark.skipif(not merge_cpu.available(), reason="needs AVX-512 or AVX2 and a C compiler")
-
-SHAPES = [(1, 1), (3, 31), (4, 32), (7, 33), (64, 100), (129, 2048)]
+# Rows: the AVX-512 build takes 8-row tiles, then 4-row tiles, then single rows (13 = 8 + 4 + 1);
+# the AVX2 build 4-row tiles, then single rows. Columns: whole 32/16-column tiles and tails.
+SHAPES = [(1, 1), (3, 31), (4, 32), (7, 33), (13, 70), (64, 100), (129, 2048)]
 ADAPTERS = [([16], [2.0]), ([1], [0.75]), ([16, 8, 3], [1.0, -0.3, 0.75]), ([64], [-1.0])]
 
 
@@ -35,8 +36,7 @@ def variant(request, monkeypatch):
     if request.param not in merge_cpu.runnable_variants():
         pytest.skip(f"this CPU does not run the {request.param} build")
     monkeypatch.setenv("QUIVER_CPU_KERNEL", request.param)
-    if not merge_cpu.available():
-        pytest.skip("no C compiler here")
+    require_kernel()
     return request.param
 
 
@@ -84,8 +84,8 @@ def test_fused_cpu_merge_to_a_file_raises_the_write_error(variant, tmp_path):
         merge_cpu.merge_rows_bf16_to_file(weight, *factors, buffer, 1, -1)
 
 
-@needs_kernel
 def test_fused_cpu_merge_refuses_what_it_does_not_take():
+    require_kernel()
     weight, Bs, As, scales = block(8, 40, [4], [1.0])
     factors = merge_cpu.concat_factors(Bs, As, scales)
     out = torch.empty_like(weight)

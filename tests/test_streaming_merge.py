@@ -17,6 +17,7 @@ from hub.demo.builders import LLAMA_LINEAR, build_peft_adapter, build_tiny_llama
 from hub.formats import parse_adapter, read_safetensors_header
 from hub.formats.safetensors_header import BASE_MODEL_DTYPES
 from kernels.streaming_merge import SafetensorsStreamWriter, merge_checkpoint
+from tests.conftest import require_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -342,8 +343,7 @@ def test_a_bf16_base_merges_through_the_fused_cpu_kernel_with_the_torch_paths_an
     path's (two adapters with different targets, a rank pattern and weights 1 and −0.3)."""
     from kernels import merge_cpu
 
-    if not merge_cpu.available():
-        pytest.skip("the fused CPU merge kernel needs AVX-512 or AVX2 and a C compiler")
+    require_kernel()
     calls = []
     kernel = merge_cpu.merge_rows_bf16_to_file
     monkeypatch.setattr(merge_cpu, "merge_rows_bf16_to_file", lambda *args: calls.append(1) or kernel(*args))
