@@ -26,7 +26,11 @@ Prints JSON lines: one per measurement, then the headline
 {"bench": "merge", "bytes", "copy_s", "quiver_s", "ratio_to_copy", "rss_fraction", "paired_ratios",
  "weight_files", "peft_s", "peft_rss_fraction", "max_abs_diff_vs_peft"}
 (ratio_to_copy: best merge / best copy; paired_ratios: each merge / the copy run just before it, sorted).
-Goals: ratio_to_copy ≤ 1.3, rss_fraction ≤ 0.25.
+Goals: ratio_to_copy ≤ 1.3, rss_fraction ≤ 0.25. Before the headline, unless --skip-sha256, what the
+hub's merge job pays to store the files as content-addressed blobs: the merge with every file's sha256,
+hashed after the merge (as the job did up to session 23) and while it writes (merge_checkpoint(sha256=…),
+as it does now), alternated --repeat times, the same digests checked across runs:
+{"bench": "merge.sha256", "files", "after_s", "during_s", "speedup", "during_ratio_to_copy"}
 
     python benchmarks/merge.py [--work DIR] [--layers 10] [--keep] [--max-shard-bytes N]
 """
@@ -146,7 +150,12 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def child_quiver(base: Path, adapter: Path, out: Path, device: str = "cpu", max_shard_bytes: int = SHARD_BYTES) -> dict:
+def child_quiver(base: Path, adapter: Path, out: Path, device: str = "cpu", max_shard_bytes: int = SHARD_BYTES,
+                 sha256: str = "none") -> dict:
+    """sha256: "none"; "after": then hash every written file, as the hub's merge job did before
+    session 23; "during": merge_checkpoint(sha256=…) hashes while it writes, as the job does now."""
+    import hashlib
+
     import torch
 
     from hub.formats import parse_adapter
@@ -158,12 +167,18 @@ def child_quiver(base: Path, adapter: Path, out: Path, device: str = "cpu", max_
     baseline, cpu = current_rss(), cpu_seconds()
     start = time.perf_counter()
     parsed = parse_adapter(adapter_files)
-    merge_checkpoint(files, [(parsed, 1.0)], out, device=device, max_shard_bytes=max_shard_bytes)
+    digests: dict[str, str] = {}
+    written = merge_checkpoint(files, [(parsed, 1.0)], out, device=device, max_shard_bytes=max_shard_bytes,
+                               sha256=digests if sha256 == "during" else None)
     if device != "cpu":
         torch.cuda.synchronize()
+    if sha256 == "after":
+        for path in written:
+            with open(path, "rb") as handle:
+                digests[path.name] = hashlib.file_digest(handle, "sha256").hexdigest()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu, "peak_rss": peak_rss(), "baseline_rss": baseline,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "sha256": digests}
 
 
 def child_peft(base: Path, adapter: Path, out: Path, max_shard_bytes: int = SHARD_BYTES) -> dict:
@@ -196,10 +211,10 @@ def clear_output(out: Path) -> None:
 
 
 def run_child(kind: str, base: Path, adapter: Path, out: Path, device: str = "cpu",
-              max_shard_bytes: int = SHARD_BYTES) -> dict:
+              max_shard_bytes: int = SHARD_BYTES, sha256: str = "none") -> dict:
     result = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--base", str(base), "--adapter", str(adapter), "--out", str(out),
-         "--device", device, "--max-shard-bytes", str(max_shard_bytes)],
+         "--device", device, "--max-shard-bytes", str(max_shard_bytes), "--sha256", sha256],
         check=True, capture_output=True, text=True, cwd=ROOT,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -255,7 +270,11 @@ def main() -> None:
                         help="shard the output above this size, as save_pretrained(max_shard_size=…) does (default "
                              "transformers' 5 GB: one file here); smaller values measure the merge writing shards "
                              "in parallel")
+    parser.add_argument("--skip-sha256", action="store_true",
+                        help="skip the merge.sha256 line: the merge with its files hashed after it (the hub's job "
+                             "before session 23) against hashed while written (merge_checkpoint(sha256=…), now)")
     parser.add_argument("--child", choices=["quiver", "peft"])
+    parser.add_argument("--sha256", choices=["none", "after", "during"], default="none")
     parser.add_argument("--base", type=Path)
     parser.add_argument("--adapter", type=Path)
     parser.add_argument("--out", type=Path)
@@ -263,7 +282,7 @@ def main() -> None:
 
     if args.child:
         if args.child == "quiver":
-            result = child_quiver(args.base, args.adapter, args.out, args.device, args.max_shard_bytes)
+            result = child_quiver(args.base, args.adapter, args.out, args.device, args.max_shard_bytes, args.sha256)
         else:
             result = child_peft(args.base, args.adapter, args.out, args.max_shard_bytes)
         print(json.dumps(result))
@@ -313,6 +332,23 @@ def main() -> None:
                     "ratio_to_copy": round(quiver_s / copy_s, 3), "rss_fraction": round(quiver_fraction, 4),
                     "paired_ratios": [round(r, 3) for r in paired],
                     "weight_files": len(list((work / "quiver-out").glob("model*.safetensors")))}
+        if not args.skip_sha256:
+            hashed: dict[str, list[dict]] = {"after": [], "during": []}
+            for run in range(args.repeat):  # alternated, like the copy and the merge
+                for mode, runs in hashed.items():
+                    runs.append(run_child("quiver", base, adapter, work / "quiver-out", args.device,
+                                          args.max_shard_bytes, sha256=mode))
+                    print(json.dumps({"bench": f"merge.sha256_{mode}", "run": run,
+                                      "seconds": round(runs[-1]["seconds"], 3), "cpu_s": round(runs[-1]["cpu_s"], 3),
+                                      "loadavg_1m": os.getloadavg()[0]}), flush=True)
+            digests = {json.dumps(r["sha256"], sort_keys=True) for runs in hashed.values() for r in runs}
+            if len(digests) != 1:
+                raise SystemExit(f"the merged files' sha256 differ between runs or modes: {sorted(digests)}")
+            after_s, during_s = (min(r["seconds"] for r in runs) for runs in hashed.values())
+            print(json.dumps({"bench": "merge.sha256", "files": len(hashed["during"][0]["sha256"]),
+                              "after_s": round(after_s, 3), "during_s": round(during_s, 3),
+                              "speedup": round(after_s / during_s, 3), "during_ratio_to_copy": round(during_s / copy_s, 3)}),
+                  flush=True)
         if not args.skip_peft:
             peft = run_child("peft", base, adapter, work / "peft-out", max_shard_bytes=args.max_shard_bytes)
             peft_fraction = (peft["peak_rss"] - peft["baseline_rss"]) / size

@@ -122,6 +122,7 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_BEAT_SCHEDULE = {
     "sweep-orphan-blobs": {"task": "workers.tasks.sweep_orphan_blobs", "schedule": 3600.0},
+    "sweep-stale-scratch": {"task": "workers.tasks.sweep_stale_scratch", "schedule": 3600.0},
 }
 
 # --- Storage: content-addressed blobs, local by default, S3 when configured ---

@@ -46,6 +46,10 @@ Memory stays near one tensor, never the model:
   `workers`), their tasks interleaved (`_run_shards`): writes into one file
   take turns on its inode lock, writes into two files do not. Within a shard, the kernel copies of
   untouched tensors are interleaved with the merges by bytes (`_interleaved`).
+* `sha256={}` asks for every written file's sha256 (the hub stores content-addressed
+  blobs): each weight file is hashed by a thread that follows its writes
+  (`kernels.trailing_digest`), so the hash ends soon after the last write
+  rather than starting then, and shards are hashed in parallel.
 * Measured (`benchmarks/merge.py`: 1.14 GB bf16 Llama, 10 layers, r=16 on
   every linear layer; 2 vCPUs shared with other work): 0.42–0.48 s and
   0.77–0.84 CPU-s with the fused kernel, bit-exact with PEFT (whose
@@ -97,6 +101,7 @@ Django-free.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -129,6 +134,7 @@ from hub.formats.threads import intra_op_threads
 from . import merge_cpu
 from .dispatch import merge_lora, worker_pool
 from .merge_reference import default_row_block, fold_scales, merge_rows_into
+from .trailing_digest import TrailingSha256
 
 CHUNK_BYTES = 16 * 2**20
 STREAM_BLOCK_BYTES = 2 * 2**20  # float32 bytes per row block (measured best of 1, 2, 4 MiB)
@@ -166,9 +172,12 @@ class SafetensorsStreamWriter:
     any order, and its bytes written there. Every write names its offset
     (os.pwrite, copy_file_range with offsets), so a claimed tensor's bytes
     can be written by other threads, in any order, with `write_at`. Nothing
-    is buffered beyond the tensor being written."""
+    is buffered beyond the tensor being written. With `sha256=True` a thread
+    hashes the file as it is written (`TrailingSha256`: every write reports
+    its range), and `sha256()` gives the digest after close()."""
 
-    def __init__(self, path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None,
+                 *, sha256: bool = False):
         self.path = Path(path)
         header: dict[str, object] = {}
         if metadata:
@@ -187,10 +196,13 @@ class SafetensorsStreamWriter:
         # name → (file offset, bytes) of the tensors not claimed yet, in declared order
         self._unclaimed = {name: (8 + len(raw) + start, nbytes) for name, start, nbytes in declared}
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._digest: TrailingSha256 | None = None
         try:
-            _pwrite_all(self._fd, len(raw).to_bytes(8, "little") + raw, 0)
+            if sha256:
+                self._digest = TrailingSha256(self.path, self.size)
+            self.write_at(0, len(raw).to_bytes(8, "little") + raw)
         except BaseException:
-            os.close(self._fd)
+            self.abort()
             raise
 
     def claim(self, name: str, nbytes: int) -> int:
@@ -206,16 +218,22 @@ class SafetensorsStreamWriter:
 
     def fileno(self) -> int:
         """The file's descriptor, for code that writes a claimed range itself (the fused CPU
-        merge, `merge_cpu.merge_rows_bf16_to_file`); like `write_at`, any thread, own range only."""
+        merge, `merge_cpu.merge_rows_bf16_to_file`); like `write_at`, any thread, own range
+        only, and reported with `wrote` once written."""
         return self._fd
+
+    def wrote(self, offset: int, nbytes: int) -> None:
+        """Bytes [offset, offset + nbytes) are written (through `fileno`): the digest may read them."""
+        if self._digest is not None:
+            self._digest.written(offset, nbytes)
 
     def write_at(self, offset: int, data) -> None:
         """Bytes of a claimed tensor at `offset` (safe from several threads at once)."""
-        _pwrite_all(self._fd, data, offset)
+        self.wrote(offset, _pwrite_all(self._fd, data, offset))
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        _pwrite_all(self._fd, memoryview(data.numpy()), self.claim(name, data.numel()))
+        self.write_at(self.claim(name, data.numel()), memoryview(data.numpy()))
 
     def write_chunks(self, name: str, nbytes: int, chunks) -> None:
         """Declared tensor `name` from an iterable of uint8 tensors / buffers."""
@@ -226,7 +244,7 @@ class SafetensorsStreamWriter:
                 chunk = memoryview(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
             if written + len(chunk) > nbytes:
                 raise ValueError(f"{self.path.name}: tensor '{name}' got more than the {nbytes} bytes declared")
-            _pwrite_all(self._fd, chunk, offset + written)
+            self.write_at(offset + written, chunk)
             written += len(chunk)
         if written != nbytes:
             raise ValueError(f"{self.path.name}: tensor '{name}' got {written} bytes, {nbytes} declared")
@@ -256,8 +274,11 @@ class SafetensorsStreamWriter:
                 raise OSError(f"{self.path.name}: unexpected end of the source file at {offset + done}")
             _pwrite_all(self._fd, chunk, target + done)
             done += len(chunk)
+        self.wrote(target, nbytes)
 
     def close(self) -> None:
+        """Check that every declared byte was written and close the file (its digest, if any,
+        may still be reading it: `sha256()` waits for it)."""
         if self._fd < 0:
             return
         fd, self._fd = self._fd, -1
@@ -267,20 +288,37 @@ class SafetensorsStreamWriter:
                 raise ValueError(f"{self.path.name}: closed before tensor '{missing}' was written")
             if os.fstat(fd).st_size != self.size:  # a claimed tensor at the end never written
                 raise ValueError(f"{self.path.name}: {os.fstat(fd).st_size} bytes written, {self.size} declared")
+        except BaseException:
+            self._stop_digest()
+            raise
         finally:
             os.close(fd)
+
+    def sha256(self) -> str:
+        """The file's sha256 (hex), after close(); only for a writer made with sha256=True."""
+        if self._fd >= 0 or self._digest is None:
+            raise RuntimeError(f"{self.path.name}: sha256() needs sha256=True and a closed writer")
+        return self._digest.hexdigest()
 
     def abort(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._stop_digest()
+
+    def _stop_digest(self) -> None:
+        if self._digest is not None:
+            self._digest.stop()
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
+def _pwrite_all(fd: int, data, offset: int) -> int:
+    """Write all of `data` at `offset` (pwrite may write less); returns its length."""
     view = memoryview(data).cast("B")
+    total = len(view)
     while len(view):
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
+    return total
 
 
 # ----------------------------------------------------------------------
@@ -459,6 +497,7 @@ def merge_checkpoint(
     max_shard_bytes: int = 5 * 10**9,
     progress: Progress | None = None,
     device: str | torch.device | None = None,
+    sha256: dict[str, str] | None = None,
 ) -> list[Path]:
     """Merge `adapters` (each with its weight) into the base checkpoint.
 
@@ -470,6 +509,9 @@ def merge_checkpoint(
     progress: called as progress(fraction 0..1, message) after each tensor.
     device: where adapted tensors are merged (default CPU; a CUDA device
         uses the Triton kernel through kernels.dispatch).
+    sha256: if given, filled with each written file's name → sha256 (hex).
+        The weight files are hashed while they are written (`TrailingSha256`),
+        so a caller storing content-addressed blobs need not read them again.
     Returns the written paths: config.json, the index (if sharded), the
     weight files, then any other copied files.
     """
@@ -528,7 +570,8 @@ def merge_checkpoint(
                 temporary = _temporary(out_dir, shard_name, tag)
                 temporaries.append((temporary, out_dir / shard_name))
                 writers.append(SafetensorsStreamWriter(
-                    temporary, [(item.name, item.out_dtype, item.entry.shape) for item in shard], {"format": "pt"}
+                    temporary, [(item.name, item.out_dtype, item.entry.shape) for item in shard], {"format": "pt"},
+                    sha256=sha256 is not None,
                 ))
                 return writers[-1]
 
@@ -546,11 +589,16 @@ def merge_checkpoint(
             try:
                 _run_shards(list(zip(names, shards)), open_shard, shard_tasks, blocks,
                             streams=min(workers, SHARD_STREAMS) if blocks is not None else 1)
+                if sha256 is not None:  # each file's hash has been following its writes
+                    if progress is not None:
+                        progress(1.0, "finishing the files' sha256")
+                    final_names = {temporary: final.name for temporary, final in temporaries}
+                    sha256.update((final_names[writer.path], writer.sha256()) for writer in writers)
             finally:
                 if blocks is not None:
                     blocks.cancel()  # nothing left after a success; after a failure, running blocks finish first
                 for writer in writers:
-                    writer.abort()  # closed ones: nothing to do
+                    writer.abort()  # closed and hashed ones: nothing to do
 
         extra_outputs: list[tuple[Path, Path]] = []
         if len(shards) > 1:
@@ -588,6 +636,11 @@ def merge_checkpoint(
         for fd in source_fds.values():
             os.close(fd)
 
+    if sha256 is not None:
+        for temporary, final in temporaries:
+            if final.name not in sha256:  # config.json, the index, other files: small
+                with open(temporary, "rb") as handle:
+                    sha256[final.name] = hashlib.file_digest(handle, "sha256").hexdigest()
     for temporary, final in temporaries:  # weights first, config.json last
         os.replace(temporary, final)
     written_names = {final.name for _, final in temporaries}
@@ -750,6 +803,7 @@ class _RowBlockPipeline:
                         buffers.out(min(row_block, stop - start), columns, out_dtype),
                         writer.fileno(), offset + start * row_bytes,
                     )
+                    writer.wrote(offset + start * row_bytes, (stop - start) * row_bytes)
                 finally:
                     self.buffers.put(buffers)
 

@@ -62,3 +62,42 @@ def test_a_claim_of_orphan_bytes_keeps_them_from_the_sweep(demo_bases, demo_adap
     assert removed >= 1  # the other orphans went
     assert Blob.objects.filter(sha256=weights["sha256"]).exists()
     assert blob_storage().exists(Blob(sha256=weights["sha256"], size=0).storage_key)
+
+
+def test_the_scratch_sweep_removes_what_killed_work_left_and_keeps_work_in_flight(settings, tmp_path):
+    """Entries of the scratch folder idle for the grace period go (a merge's folder, an upload's
+    file); a folder with one file still being written stays, however old the folder itself is."""
+    import os
+    import time
+
+    from hub.services.cleanup import sweep_stale_scratch
+
+    settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path)
+    settings.QUIVER_ORPHAN_GRACE_SECONDS = 3600
+    long_ago = time.time() - 2 * 3600
+
+    def aged(path: Path) -> Path:
+        os.utime(path, (long_ago, long_ago))
+        return path
+
+    killed_merge = tmp_path / "merge-killed"
+    (killed_merge / "sub").mkdir(parents=True)
+    for file in (killed_merge / ".model.safetensors.abc.partial", killed_merge / "sub" / "config.json"):
+        file.write_bytes(b"half")
+        aged(file)
+    aged(killed_merge / "sub")
+    aged(killed_merge)
+    killed_upload = tmp_path / "upload-killed.upload"
+    killed_upload.write_bytes(b"part")
+    aged(killed_upload)
+    running_merge = tmp_path / "merge-running"
+    running_merge.mkdir()
+    (running_merge / "model.safetensors").write_bytes(b"being written")  # modified just now
+    aged(running_merge)
+    fresh_upload = tmp_path / "upload-fresh.upload"
+    fresh_upload.write_bytes(b"streaming")
+
+    assert sweep_stale_scratch() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge-running", "upload-fresh.upload"]
+    assert not killed_upload.exists() and not killed_merge.exists()
+    assert sweep_stale_scratch(older_than=timedelta(0)) == 2  # everything, once idle for no time at all

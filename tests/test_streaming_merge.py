@@ -2,6 +2,7 @@
 (plain with modules_to_save, rsLoRA, DoRA, rank/alpha patterns, two weighted adapters),
 against PEFT's merge_and_unload() + save_pretrained(); sharding; atomic output; and the
 peak memory of a ~220 MB merge measured in a subprocess. No database."""
+import hashlib
 import json
 import os
 import subprocess
@@ -20,6 +21,14 @@ from kernels.streaming_merge import SafetensorsStreamWriter, merge_checkpoint
 from tests.conftest import require_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def sha256_of(paths: list[Path]) -> dict[str, str]:
+    digests = {}
+    for path in paths:
+        with open(path, "rb") as handle:
+            digests[path.name] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
 
 ADAPTERS = {
     "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
@@ -99,10 +108,11 @@ def test_single_adapter_is_bit_exact_with_peft(built, name, dtype):
     root, base = built["root"], built["base"]
     adapter = parse_adapter(files_in(built["adapters"][name]))
     out = root / f"ours-{name}-{dtype}"
-    calls = []
-    written = merge_checkpoint(files_in(base), [(adapter, 1.0)], out, dtype=dtype,
+    calls, digests = [], {}
+    written = merge_checkpoint(files_in(base), [(adapter, 1.0)], out, dtype=dtype, sha256=digests,
                                progress=lambda fraction, message: calls.append(fraction))
     assert [p.name for p in written] == ["config.json", "model.safetensors", "generation_config.json"]
+    assert digests == sha256_of(written)  # hashed while written (bf16: through the fused kernel's writes)
     assert calls and calls[-1] == pytest.approx(1.0) and calls == sorted(calls)
     read_safetensors_header(out / "model.safetensors", allowed_dtypes=BASE_MODEL_DTYPES)  # our writer's header is valid
     model = load_ours(out)
@@ -160,7 +170,10 @@ def test_sharded_base_gives_sharded_output_like_transformers(built):
     assert (built["sharded"] / "model.safetensors.index.json").exists()
     adapter = parse_adapter(files_in(paths["pattern"]))
     out = root / "ours-sharded"
-    written = merge_checkpoint(files_in(built["sharded"]), [(adapter, 1.0)], out, max_shard_bytes=100_000)
+    digests = {}
+    written = merge_checkpoint(files_in(built["sharded"]), [(adapter, 1.0)], out, max_shard_bytes=100_000,
+                               sha256=digests)
+    assert digests == sha256_of(written)  # every shard hashed while written, two shards at a time
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]

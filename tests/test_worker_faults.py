@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -46,10 +47,12 @@ def only_our_workers():
 
 def test_a_merge_whose_worker_is_killed_is_retried_and_completes(large_files, only_our_workers, make_user,
                                                                    client_for):
+    from django.conf import settings
+
     from hub.models import Job, MergedCheckpoint
     from hub.services.adapters import upload_adapter
     from hub.services.base_models import register_base_model
-    from hub.services.cleanup import unreferenced_blobs
+    from hub.services.cleanup import sweep_stale_scratch, unreferenced_blobs
     from hub.services.files import IncomingFile
 
     base_dir, adapter_dir = large_files
@@ -59,6 +62,8 @@ def test_a_merge_whose_worker_is_killed_is_retried_and_completes(large_files, on
     upload_adapter(user=alice, namespace="alice", name="large-lora", base_model="alice/large-llama",
                    files=[IncomingFile.from_path(p) for p in sorted(adapter_dir.iterdir()) if p.is_file()])
     api = client_for(alice)
+    scratch = Path(settings.FILE_UPLOAD_TEMP_DIR)
+    scratch_before = set(scratch.glob("merge-*"))
 
     # Its writes are paced (tests/paced_merge_worker.py), so that the kill lands mid-stream.
     doomed = start_worker(ARTIFACTS / "celery-worker-killed.log", name=f"doomed-{os.getpid()}", queues="gpu",
@@ -103,3 +108,8 @@ def test_a_merge_whose_worker_is_killed_is_retried_and_completes(large_files, on
     assert len(body) == weights["size"] and hashlib.sha256(body).hexdigest() == weights["sha256"]
     assert MergedCheckpoint.objects.count() == 1
     assert not unreferenced_blobs(timedelta(0)).exists()  # the killed attempt left no orphan blob
+    # ...but its half-written checkpoint is still in the scratch folder, until the hourly sweep
+    # finds it idle for the grace period (here: any time at all).
+    assert set(scratch.glob("merge-*")) - scratch_before, "the killed merge left no scratch folder"
+    assert sweep_stale_scratch(older_than=timedelta(0)) >= 1
+    assert not list(scratch.glob("merge-*"))

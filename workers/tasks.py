@@ -32,3 +32,9 @@ generate_adapter = job_task("generate_adapter", generations.generate_job)
 def sweep_orphan_blobs() -> int:
     """Periodic (beat): remove blobs no row references, after a grace period."""
     return cleanup.sweep_orphan_blobs()
+
+
+@shared_task(name="workers.tasks.sweep_stale_scratch")
+def sweep_stale_scratch() -> int:
+    """Periodic (beat): remove what killed uploads and merges left in the scratch folder."""
+    return cleanup.sweep_stale_scratch()

@@ -6,11 +6,18 @@ its Blob row) that nothing references; deleting an adapter leaves its blobs too.
 The sweep removes blobs that no row references once their last claim
 (hub.blobs.put_blob) is older than a grace period, so an upload in flight, whose
 rows are not committed yet, is never touched.
+
+The scratch sweep does the same for the scratch folder (QUIVER_UPLOAD_TMP): what a killed process
+left there, e.g. a half-streamed upload or a half-written merged checkpoint.
 """
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import time
 from datetime import timedelta
+from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
@@ -50,3 +57,41 @@ def sweep_orphan_blobs(*, grace: timedelta | None = None) -> int:
     if removed:
         logger.info("removed %d orphan blobs", removed)
     return removed
+
+
+def sweep_stale_scratch(*, older_than: timedelta | None = None) -> int:
+    """Remove the entries of the scratch folder (settings.FILE_UPLOAD_TEMP_DIR) in which nothing was
+    modified for `older_than` (default: the orphan grace period, longer than the longest job):
+    uploads stream there, merges write their checkpoint there (`merge-*`), and a process killed
+    midway (web or worker) leaves them behind. A file being written is modified all the time, so
+    work in flight, of this machine or of another one sharing the folder, is never touched."""
+    older_than = older_than if older_than is not None else timedelta(seconds=settings.QUIVER_ORPHAN_GRACE_SECONDS)
+    cutoff = time.time() - older_than.total_seconds()
+    removed = 0
+    for entry in Path(settings.FILE_UPLOAD_TEMP_DIR).iterdir():
+        try:
+            if _last_modified(entry) >= cutoff:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+        except FileNotFoundError:  # finished (renamed into blob storage) or removed meanwhile
+            continue
+    if removed:
+        logger.info("removed %d stale scratch entries", removed)
+    return removed
+
+
+def _last_modified(entry: Path) -> float:
+    """The newest mtime of `entry` and, for a folder, of everything in it."""
+    newest = entry.lstat().st_mtime
+    if entry.is_dir() and not entry.is_symlink():
+        for folder, _, names in os.walk(entry):
+            for name in names:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
+                except FileNotFoundError:
+                    continue
+    return newest

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from django.conf import settings
 from django.db import transaction
 from django.urls import reverse
 
@@ -225,11 +226,15 @@ def merge_job(job: Job, reporter: JobReporter) -> dict:
             composed, _ = compose_adapters(canonical, weights, spec["method"], base_weights=base_weights, **spec["params"])
         to_merge = [(composed, 1.0)]
     base_files = {f.filename: f.blob_id for f in base.files.all()}
-    with blobs_on_disk(base_files) as base_paths, tempfile.TemporaryDirectory() as scratch:
-        written = merge_checkpoint(base_paths, to_merge, Path(scratch), dtype=spec["dtype"],
+    # Scratch beside the uploads: local blob storage renames the files into place rather than
+    # copying them, and a multi-GB checkpoint never lands in /tmp (often a RAM-backed tmpfs).
+    with blobs_on_disk(base_files) as base_paths, \
+            tempfile.TemporaryDirectory(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="merge-") as scratch:
+        digests: dict[str, str] = {}  # hashed while written: no second read of the checkpoint
+        written = merge_checkpoint(base_paths, to_merge, Path(scratch), dtype=spec["dtype"], sha256=digests,
                                    progress=lambda fraction, message: reporter.progress(0.05 + 0.85 * fraction, message))
         reporter.progress(0.92, "storing the checkpoint")
-        incoming = [IncomingFile.from_path(path, disposable=True) for path in written]
+        incoming = [IncomingFile.from_path(path, disposable=True, sha256=digests[path.name]) for path in written]
         blobs = store_blobs(incoming)
     with transaction.atomic():
         checkpoint, created = MergedCheckpoint.objects.get_or_create(

@@ -30,13 +30,14 @@ class IncomingFile:
     disposable: bool = False
 
     @classmethod
-    def from_path(cls, path: Path, name: str | None = None, *, disposable: bool = False) -> "IncomingFile":
-        hasher = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(2**20), b""):
-                hasher.update(chunk)
-        return cls(name=name or path.name, path=path, size=path.stat().st_size, sha256=hasher.hexdigest(),
-                   disposable=disposable)
+    def from_path(cls, path: Path, name: str | None = None, *, disposable: bool = False,
+                  sha256: str | None = None) -> "IncomingFile":
+        """`sha256`: the digest, where the code that wrote the file computed it (a merge hashes
+        its output while writing it); else the file is read and hashed here."""
+        if sha256 is None:
+            with open(path, "rb") as handle:
+                sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+        return cls(name=name or path.name, path=path, size=path.stat().st_size, sha256=sha256, disposable=disposable)
 
     @classmethod
     def from_upload(cls, upload) -> "IncomingFile":
