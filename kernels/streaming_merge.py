@@ -581,6 +581,10 @@ def merge_checkpoint(
                                            written)
 
             def shard_tasks(writer: SafetensorsStreamWriter, shard: list[_PlannedTensor]) -> Iterator[Task]:
+                if sha256 is not None:
+                    # In file order: the hash follows the written prefix, and interleaved copies
+                    # (the embeddings and the head often open the file) would hold it back to the end.
+                    return tasks_of(writer, shard)
                 copied = [item for item in shard if item.copied_as_is]
                 rest = [item for item in shard if not item.copied_as_is]
                 return _interleaved([(tasks_of(writer, items), sum(item.out_nbytes for item in items))
