@@ -42,22 +42,17 @@ def test_the_digest_of_a_file_written_out_of_order_by_threads_is_its_sha256(tmp_
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
-def test_a_stretch_never_reported_is_an_error_not_a_wait(tmp_path):
+@pytest.mark.parametrize("file_bytes, size, reports, error, message", [
+    (100, 100, [(0, 40), (60, 40)], ValueError, "bytes 40… of 100 were never reported"),  # an error, not a wait
+    (10, 20, [(0, 20)], OSError, "ends at byte 10"),  # the file is shorter than what was reported
+])
+def test_a_digest_that_cannot_be_complete_is_an_error(tmp_path, file_bytes, size, reports, error, message):
     path = tmp_path / "file.bin"
-    path.write_bytes(bytes(100))
-    digest = TrailingSha256(path, 100)
-    digest.written(0, 40)
-    digest.written(60, 40)  # 40…60 never reported
-    with pytest.raises(ValueError, match="bytes 40… of 100 were never reported"):
-        digest.hexdigest()
-
-
-def test_a_file_shorter_than_reported_is_an_error(tmp_path):
-    path = tmp_path / "file.bin"
-    path.write_bytes(bytes(10))
-    digest = TrailingSha256(path, 20)
-    digest.written(0, 20)
-    with pytest.raises(OSError, match="ends at byte 10"):
+    path.write_bytes(bytes(file_bytes))
+    digest = TrailingSha256(path, size)
+    for offset, nbytes in reports:
+        digest.written(offset, nbytes)
+    with pytest.raises(error, match=message):
         digest.hexdigest()
 
 
