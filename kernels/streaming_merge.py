@@ -51,8 +51,8 @@ Memory stays near one tensor, never the model:
   (`kernels.trailing_digest`), so the hash ends soon after the last write
   rather than starting then, and shards are hashed in parallel.
 * Measured (`benchmarks/merge.py`: 1.14 GB bf16 Llama, 10 layers, r=16 on
-  every linear layer; 2 vCPUs shared with other work): 0.42–0.48 s and
-  0.77–0.84 CPU-s with the fused kernel, bit-exact with PEFT (whose
+  every linear layer; 2 vCPUs shared with other work): 0.35–0.44 s and
+  0.63–0.77 CPU-s with the fused kernel (session 23), bit-exact with PEFT (whose
   merge_and_unload + save_pretrained took 15–17 s); the plain copy of the
   file 0.30–0.40 s in its fast mode; peak RSS growth 8–9 % of the
   checkpoint. Where the CPU goes: the kernel ≈ 30 % (its FMAs are at one
