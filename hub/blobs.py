@@ -8,12 +8,16 @@ only once its upload completes.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from django.conf import settings
@@ -130,14 +134,130 @@ def local_blob_path(sha256: str) -> Path | None:
 def blobs_on_disk(files: dict[str, str]) -> Iterator[dict[str, Path]]:
     """filename → a local path holding that blob's bytes (sha256 given), for
     readers that need a real file (safetensors mmap). Local storage is used in
-    place; remote blobs are downloaded to a temporary folder removed afterwards."""
+    place; remote blobs come from this machine's blob cache (`_cached_blob`),
+    filled on a miss, or, where the cache is off or the blob larger than it, are
+    downloaded to a scratch folder removed afterwards."""
     paths: dict[str, Path] = {}
-    with tempfile.TemporaryDirectory(prefix="quiver-blobs-") as scratch:
+    with ExitStack() as stack:
+        scratch: Path | None = None
         for filename, sha256 in files.items():
-            local = local_blob_path(sha256)
+            local = local_blob_path(sha256) or stack.enter_context(_cached_blob(sha256))
             if local is None:
-                local = Path(scratch) / sha256
-                with open_blob(sha256) as source, open(local, "wb") as target:
-                    shutil.copyfileobj(source, target, READ_CHUNK)
+                if scratch is None:
+                    scratch = Path(stack.enter_context(
+                        tempfile.TemporaryDirectory(prefix="blobs-", dir=settings.FILE_UPLOAD_TEMP_DIR)))
+                local = scratch / sha256
+                _download(sha256, local)
             paths[filename] = local
         yield paths
+
+
+# A worker-local cache of remote blobs (settings.QUIVER_BLOB_CACHE_DIR, at most
+# QUIVER_BLOB_CACHE_BYTES). Why: a merge reads the whole base model, and on S3 that was a
+# download per job (14 GB for a 7B base, about 70 s at 200 MB/s: half of a 7B merge's time in
+# docs/scaling.md), although most merges use one of a few popular bases. Blobs are named by their
+# sha256, so a cached copy never goes stale; it is checked against that sha256 as it is downloaded.
+#
+# Processes on one machine share the cache through flock(2): a blob is filled under the lock of
+# its stripe (so two jobs needing one base download it once), and a reader holds a shared lock on
+# the cached file while it uses the path; eviction (least recently used first, by mtime, which each
+# use renews) takes the stripe lock and then an exclusive lock without waiting, so a file in use is
+# never removed.
+_CACHE_LOCK_STRIPES = 64
+_SHA256_NAME = re.compile(r"[0-9a-f]{64}")  # a cached blob; other names: .locks/, .partial-* downloads
+
+
+@contextmanager
+def _cached_blob(sha256: str) -> Iterator[Path | None]:
+    """The cached copy of remote blob `sha256`, held against eviction while the context lasts;
+    None where the cache is off or the blob is larger than it."""
+    limit = settings.QUIVER_BLOB_CACHE_BYTES
+    size = Blob.objects.filter(pk=sha256).values_list("size", flat=True).first()
+    if limit <= 0 or size is None or size > limit:
+        yield None
+        return
+    cache = Path(settings.QUIVER_BLOB_CACHE_DIR)
+    path = cache / sha256
+    with _stripe_lock(cache, sha256):
+        if not path.exists():
+            _download(sha256, path)
+        handle = open(path, "rb")  # its shared lock keeps eviction away until the context ends
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            os.utime(path)  # recently used: evicted last
+        except BaseException:
+            handle.close()
+            raise
+    try:
+        _evict(cache, limit)
+        yield path
+    finally:
+        handle.close()
+
+
+@contextmanager
+def _stripe_lock(cache: Path, sha256: str, *, wait: bool = True) -> Iterator[bool]:
+    """The lock of `sha256`'s stripe, held for the context; yields False (not held) where `wait`
+    is False and another process or thread holds it."""
+    locks = cache / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    # A fixed set of lock files, never removed: a removed lock file and a new one of the same name
+    # would be two locks.
+    with open(locks / f"{int(sha256[:8], 16) % _CACHE_LOCK_STRIPES:02d}", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def _download(sha256: str, target: Path) -> None:
+    """Blob `sha256` from storage to `target`, whole or not at all (a temporary file beside it,
+    renamed), refused if its bytes do not hash to its name."""
+    partial = target.with_name(f".partial-{target.name}-{os.getpid()}")
+    hasher = hashlib.sha256()
+    try:
+        with open_blob(sha256) as source, open(partial, "wb") as out:
+            for chunk in iter(lambda: source.read(READ_CHUNK), b""):
+                hasher.update(chunk)
+                out.write(chunk)
+        if hasher.hexdigest() != sha256:
+            raise OSError(f"blob {sha256} read back from storage with sha256 {hasher.hexdigest()}")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _evict(cache: Path, limit: int) -> None:
+    """Remove the least recently used cached blobs not in use until the cache holds at most
+    `limit` bytes; and partial downloads a killed process left (older than the orphan grace)."""
+    entries = []
+    stale_before = time.time() - settings.QUIVER_ORPHAN_GRACE_SECONDS
+    for entry in cache.iterdir():
+        try:
+            stat = entry.stat()
+        except FileNotFoundError:
+            continue
+        if _SHA256_NAME.fullmatch(entry.name):
+            entries.append((stat.st_mtime, stat.st_size, entry))
+        elif entry.name.startswith(".partial-") and stat.st_mtime < stale_before:
+            entry.unlink(missing_ok=True)
+    total = sum(size for _, size, _ in entries)
+    for _, size, entry in sorted(entries):
+        if total <= limit:
+            return
+        # Never waits: a stripe held by a download, or a file held by a reader, is skipped.
+        with _stripe_lock(cache, entry.name, wait=False) as held:
+            if held and _unlink_unless_in_use(entry):
+                total -= size
+
+
+def _unlink_unless_in_use(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()
+            return True
+    except (BlockingIOError, FileNotFoundError):  # a reader holds it; removed meanwhile
+        return False
