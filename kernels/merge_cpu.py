@@ -1,18 +1,20 @@
-"""The fused CPU merge of bf16 weights (`merge_cpu.c`): built, loaded and checked here.
+"""The fused CPU merge of bf16 and float16 weights (`merge_cpu.c`): built, loaded and checked here.
 
-    merge_rows_bf16(weight, B, A, bounds, scales, out)   # out = bf16(W + Σₜ sₜ·Bₜ·Aₜ), one block
-    merge_rows_bf16_to_file(weight, B, A, bounds, scales, buffer, fd, offset)   # many rows, to a file
-    available() -> bool
+    merge_rows(weight, B, A, bounds, scales, out)   # out = W + Σₜ sₜ·Bₜ·Aₜ in W's dtype, one block
+    merge_rows_to_file(weight, B, A, bounds, scales, buffer, fd, offset)   # many rows, to a file
+    available(dtype=torch.bfloat16) -> bool
     python -m kernels.merge_cpu     # build every variant into the cache (a Docker build stage)
 
 Same bits as the torch reference (`merge_reference.merge_rows_into`, then one rounding), at less
 than half its CPU time: the reference makes three passes over a float32 copy of the block (upcast,
 `addmm_`, round); the C kernel reads W once, keeps a tile's products in vector registers and writes
-bf16 once (one core, r = 16, ns per weight: AVX-512 0.31–0.34 in 8-row tiles, 0.34–0.38 in the
-4-row tiles it had before; AVX2 0.55–0.58; the torch path 0.77–0.82).
+W's dtype once (one core, r = 16, ns per weight: AVX-512 0.31–0.34 in 8-row tiles, 0.34–0.38 in
+the 4-row tiles it had before; AVX2 0.55–0.58; the torch path 0.77–0.82). float16 takes the same
+path as bf16, its conversions done by F16C's instructions (session 23; before, float16 bases went
+the torch path).
 
-One source, two builds (`VARIANTS`): AVX-512 (16 floats a vector) where the CPU has AVX-512 F, BW
-and FMA, else AVX2 (8 floats) where it has AVX2 and FMA: AMD before Zen 4, Intel before
+One source, two builds (`VARIANTS`): AVX-512 (16 floats a vector) where the CPU has AVX-512 F, BW,
+FMA and F16C, else AVX2 (8 floats) where it has AVX2, FMA and F16C: AMD before Zen 4, Intel before
 Skylake-SP. The kernel is used only where all of these hold, else the torch reference runs (same
 bits):
 
@@ -23,7 +25,7 @@ bits):
   clang) builds it there on first use (well under a second). The Docker image builds both in a
   build stage and carries only the libraries, no compiler;
 * on random blocks (tails, several adapters, negative and non-power-of-two scales) it gives
-  exactly the reference's bits. The kernel's products are FMA chains in k order; MKL's sgemm
+  exactly the reference's bits, checked for each dtype: a dtype that differs runs the torch path. The kernel's products are FMA chains in k order; MKL's sgemm
   computes the same on the CPUs measured, but BLAS promises no order, so this is checked once
   per process and variant rather than assumed.
 
@@ -54,9 +56,11 @@ SOURCE = Path(__file__).with_name("merge_cpu.c")
 COMMON_CFLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
 # variant → (compiler flags, /proc/cpuinfo flags it needs), widest first: the first the CPU runs is used.
 VARIANTS: dict[str, tuple[list[str], tuple[str, ...]]] = {
-    "avx512": (["-mavx512f", "-mavx512bw", "-mfma"], ("avx512f", "avx512bw", "fma")),
-    "avx2": (["-mavx2", "-mfma"], ("avx2", "fma")),
+    "avx512": (["-mavx512f", "-mavx512bw", "-mfma", "-mf16c"], ("avx512f", "avx512bw", "fma", "f16c")),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
 }
+# dtype → the C functions' `format` argument
+FORMATS = {torch.bfloat16: 0, torch.float16: 1}
 
 
 def cache_dir() -> Path:
@@ -134,8 +138,9 @@ def build(variant: str) -> Path | None:
 
 
 class _Library(NamedTuple):
-    merge: ctypes._CFuncPtr  # quiver_merge_rows_bf16: one block into a buffer
-    merge_to_file: ctypes._CFuncPtr  # quiver_merge_rows_bf16_pwrite: many rows, written to a file
+    merge: ctypes._CFuncPtr  # quiver_merge_rows: one block into a buffer
+    merge_to_file: ctypes._CFuncPtr  # quiver_merge_rows_pwrite: many rows, written to a file
+    dtypes: frozenset  # the dtypes in which it gave the reference's bits on this machine
 
 
 def _kernel() -> _Library | None:
@@ -151,24 +156,27 @@ def _load(variant: str) -> _Library | None:
         return None
     try:
         library = ctypes.CDLL(str(path))
-        functions = _Library(library.quiver_merge_rows_bf16, library.quiver_merge_rows_bf16_pwrite)
+        merge, merge_to_file = library.quiver_merge_rows, library.quiver_merge_rows_pwrite
     except (OSError, AttributeError) as error:  # e.g. a cache shared with another architecture
         log.warning("fused CPU merge kernel not loaded from %s (%s); the torch path merges instead", path, error)
         return None
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
     factors = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer, integer]  # W B A bounds …
-    functions.merge.argtypes = [*factors, pointer]
-    functions.merge.restype = None
-    functions.merge_to_file.argtypes = [*factors, integer, pointer, integer, integer]
-    functions.merge_to_file.restype = integer
-    if not _matches_reference(functions.merge):
-        log.warning("fused CPU merge kernel (%s) differs from the torch reference on this machine; not used", variant)
-        return None
-    return functions
+    merge.argtypes = [*factors, integer, pointer]  # … format, out
+    merge.restype = None
+    merge_to_file.argtypes = [*factors, integer, integer, pointer, integer, integer]  # … format, row_block, buffer …
+    merge_to_file.restype = integer
+    dtypes = frozenset(dtype for dtype in FORMATS if _matches_reference(merge, dtype))
+    for dtype in FORMATS.keys() - dtypes:
+        log.warning("fused CPU merge kernel (%s) differs from the torch reference in %s on this machine; "
+                    "not used for it", variant, dtype)
+    return _Library(merge, merge_to_file, dtypes) if dtypes else None
 
 
-def available() -> bool:
-    return _kernel() is not None
+def available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether weights of `dtype` (bf16 or float16) merge through the kernel here."""
+    library = _kernel()
+    return library is not None and dtype in library.dtypes
 
 
 def concat_factors(Bs: list[torch.Tensor], As: list[torch.Tensor], scales: list[float]):
@@ -181,29 +189,30 @@ def concat_factors(Bs: list[torch.Tensor], As: list[torch.Tensor], scales: list[
     return B_cat, A_cat, bounds, torch.tensor([float(s) for s in scales], dtype=torch.float32)
 
 
-def merge_rows_bf16(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bounds: torch.Tensor,
-                    scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = bf16(W + Σₜ sₜ·Bₜ·Aₜ) for one block of rows (arguments from `concat_factors`, B's rows
-    the block's). Only where available()."""
+def merge_rows(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bounds: torch.Tensor,
+               scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = W + Σₜ sₜ·Bₜ·Aₜ in W's dtype (bf16 or float16) for one block of rows (arguments from
+    `concat_factors`, B's rows the block's). Only where available(W's dtype)."""
     library = _checked(weight, B, A, bounds, scales, out, out.shape != weight.shape)
     if weight.numel():
         _call(library.merge, weight, B, A, bounds, scales, out)
     return out
 
 
-def merge_rows_bf16_to_file(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bounds: torch.Tensor,
-                            scales: torch.Tensor, buffer: torch.Tensor, fd: int, offset: int) -> None:
-    """merge_rows_bf16 of all of `weight`'s rows, written to file descriptor `fd` at byte `offset`,
-    block by block through `buffer` (bf16, whole rows: its row count is the block), in one call that
-    holds no GIL. Only where available(); OSError if a write fails (what was written stays)."""
+def merge_rows_to_file(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bounds: torch.Tensor,
+                       scales: torch.Tensor, buffer: torch.Tensor, fd: int, offset: int) -> None:
+    """merge_rows of all of `weight`'s rows, written to file descriptor `fd` at byte `offset`,
+    block by block through `buffer` (W's dtype, whole rows: its row count is the block), in one call
+    that holds no GIL. Only where available(W's dtype); OSError if a write fails (what was written
+    stays)."""
     library = _checked(weight, B, A, bounds, scales, buffer,
                        buffer.dim() != 2 or buffer.shape[0] < 1 or buffer.shape[1] != weight.shape[1])
     if offset < 0:
         raise ValueError(f"offset must not be negative, got {offset}")
     if not weight.numel():
         return
-    status = library.merge_to_file(*_factor_args(weight, B, A, bounds, scales), buffer.shape[0], buffer.data_ptr(),
-                                   fd, offset)
+    status = library.merge_to_file(*_factor_args(weight, B, A, bounds, scales), FORMATS[weight.dtype],
+                                   buffer.shape[0], buffer.data_ptr(), fd, offset)
     if status:
         raise OSError(-status, f"fused CPU merge: writing at byte {offset} of fd {fd}: {os.strerror(-status)}")
 
@@ -216,8 +225,11 @@ def _checked(weight, B, A, bounds, scales, out, out_mismatch: bool) -> _Library:
     if weight.dim() != 2:
         raise ValueError(f"the fused CPU merge takes a 2-D weight, got shape {list(weight.shape)}")
     rows, columns = weight.shape
-    if not (weight.dtype == out.dtype == torch.bfloat16 and B.dtype == A.dtype == torch.float32):
-        raise ValueError("the fused CPU merge takes bf16 weights and float32 factors")
+    if not (weight.dtype == out.dtype and weight.dtype in FORMATS and B.dtype == A.dtype == torch.float32):
+        raise ValueError("the fused CPU merge takes bf16 or float16 weights (out in the same dtype) and float32 "
+                         "factors")
+    if weight.dtype not in library.dtypes:
+        raise RuntimeError(f"the fused CPU merge kernel is not available for {weight.dtype} on this machine")
     if out_mismatch or B.shape[0] != rows or A.shape[1] != columns or B.shape[1] != A.shape[0]:
         raise ValueError(f"shapes do not agree: W {list(weight.shape)}, B {list(B.shape)}, A {list(A.shape)}, "
                          f"out {list(out.shape)}")
@@ -236,32 +248,45 @@ def _factor_args(weight, B, A, bounds, scales) -> tuple[int, ...]:
 
 
 def _call(function, weight, B, A, bounds, scales, out) -> None:
-    function(*_factor_args(weight, B, A, bounds, scales), out.data_ptr())
+    function(*_factor_args(weight, B, A, bounds, scales), FORMATS[weight.dtype], out.data_ptr())
 
 
-def reference_rows_bf16(weight: torch.Tensor, Bs: list[torch.Tensor], As: list[torch.Tensor],
-                        scales: list[float]) -> torch.Tensor:
-    """What the kernel must equal: the streaming merge's torch path for one block."""
+def reference_rows(weight: torch.Tensor, Bs: list[torch.Tensor], As: list[torch.Tensor],
+                   scales: list[float]) -> torch.Tensor:
+    """What the kernel must equal: the streaming merge's torch path for one block, in W's dtype."""
     acc = torch.empty(weight.shape, dtype=torch.float32)
     merge_rows_into(acc, weight, Bs, [A.to(torch.float32) for A in As], scales, torch.empty_like(acc))
-    return acc.to(torch.bfloat16)
+    return acc.to(weight.dtype)
 
 
-def _matches_reference(function) -> bool:
-    """Random blocks through the kernel and the torch reference: the same bits? (Shapes with row and
-    column tails, one adapter and three with mixed ranks and scales, an infinity and a NaN.)"""
+def _matches_reference(function, dtype: torch.dtype) -> bool:
+    """Random blocks of `dtype` through the kernel and the torch reference: the same bits? (Shapes
+    with row and column tails, one adapter and three with mixed ranks and scales, an infinity, a NaN,
+    and in float16 a sum past its largest value.)"""
     generator = torch.Generator().manual_seed(0)
     cases = [(8, 64, [16], [1.0]), (13, 70, [16, 8, 3], [1.0, -0.3, 0.75]), (4, 33, [64], [2.5])]
     for rows, columns, ranks, scales in cases:
-        weight = (torch.randn(rows, columns, generator=generator) * 0.02).to(torch.bfloat16)
-        weight[0, 0], weight[-1, -1] = float("inf"), float("nan")
+        weight = (torch.randn(rows, columns, generator=generator) * 0.02).to(dtype)
+        weight[0, 0], weight[-1, -1], weight[1, 1] = float("inf"), float("nan"), torch.finfo(dtype).max
         Bs = [torch.randn(rows, r, generator=generator) * 0.01 for r in ranks]
         As = [torch.randn(r, columns, generator=generator) / columns**0.5 for r in ranks]
         out = torch.empty_like(weight)
         _call(function, weight, *concat_factors(Bs, As, scales), out)
-        if not torch.equal(out.view(torch.int16), reference_rows_bf16(weight, Bs, As, scales).view(torch.int16)):
+        if not equal_results(out, reference_rows(weight, Bs, As, scales)):
             return False
     return True
+
+
+def equal_results(out: torch.Tensor, expected: torch.Tensor) -> bool:
+    """The kernel's block against the reference's: bit for bit, except that in float16 a NaN only
+    has to be a NaN. torch's float16 → float32 conversion gives a NaN another payload in its scalar
+    tail (0x7FFFFFFF) than in its vector loop (0x7FC00000), so the reference's NaN bits depend on
+    where the element falls in the block (and PEFT's on where it falls in the whole tensor), not on
+    the merge. In bf16 the kernel writes torch's NaN (0xFFFF) everywhere."""
+    same_bits = out.view(torch.int16) == expected.view(torch.int16)
+    if out.dtype == torch.float16:
+        same_bits |= out.isnan() & expected.isnan()
+    return bool(same_bits.all())
 
 
 if __name__ == "__main__":  # the Docker build stage: every variant into QUIVER_KERNEL_CACHE

@@ -31,7 +31,7 @@ Memory stays near one tensor, never the model:
   each row block of a LoRA-only tensor (`STREAM_BLOCK_BYTES` of float32,
   ~2 MiB) is read from the mapping, merged into reused buffers
   (`kernels.merge_reference.merge_rows_into`), rounded and written at its
-  offset; bf16 in and out, where the machine runs the fused C kernel
+  offset; bf16 or float16 in and out, where the machine runs the fused C kernel
   (`kernels.merge_cpu`, same bits), a task is a `CHUNK_BYTES` piece of rows
   that the kernel merges and writes block by block in one call, without
   the GIL; each `CHUNK_BYTES` piece of an untouched tensor is copied in
@@ -218,7 +218,7 @@ class SafetensorsStreamWriter:
 
     def fileno(self) -> int:
         """The file's descriptor, for code that writes a claimed range itself (the fused CPU
-        merge, `merge_cpu.merge_rows_bf16_to_file`); like `write_at`, any thread, own range
+        merge, `merge_cpu.merge_rows_to_file`); like `write_at`, any thread, own range
         only, and reported with `wrote` once written."""
         return self._fd
 
@@ -753,7 +753,7 @@ class _RowBlockPipeline:
 
     * a row block of a LoRA-only tensor: read from the base mapping, merged in
       float32 into a reused buffer (`merge_rows_into`), rounded, written;
-    * bf16 in and out with the fused C kernel: a CHUNK_BYTES piece of such a
+    * bf16 or float16 in and out with the fused C kernel: a CHUNK_BYTES piece of such a
       tensor's rows, merged and written block by block in one C call;
     * a CHUNK_BYTES piece of an untouched tensor: copied in the kernel.
 
@@ -791,8 +791,9 @@ class _RowBlockPipeline:
         As, scales = fold_scales([f[1].to(compute) for f in factors], [f[2] for f in factors])  # once, not per block
         row_block = default_row_block(int(columns), STREAM_BLOCK_BYTES)
         row_bytes = columns * DTYPE_ITEMSIZE[item.out_dtype]
-        if W.dtype == out_dtype == torch.bfloat16 and W.is_contiguous() and merge_cpu.available():
-            # bf16 in and out (the common case): the fused C kernel merges and writes a whole piece
+        if W.dtype == out_dtype and out_dtype in merge_cpu.FORMATS and W.is_contiguous() \
+                and merge_cpu.available(out_dtype):
+            # bf16 or float16 in and out (the common case): the fused C kernel merges and writes a whole piece
             # (about CHUNK_BYTES of output) per task, block by block, with the GIL released: the
             # torch path's bits at under half its compute, and no Python between blocks.
             B_cat, A_cat, bounds, scale_tensor = merge_cpu.concat_factors(Bs, As, scales)
@@ -802,7 +803,7 @@ class _RowBlockPipeline:
                 stop = min(start + piece_rows, rows)
                 buffers = self.buffers.get()
                 try:
-                    merge_cpu.merge_rows_bf16_to_file(
+                    merge_cpu.merge_rows_to_file(
                         W[start:stop], B_cat[start:stop], A_cat, bounds, scale_tensor,
                         buffers.out(min(row_block, stop - start), columns, out_dtype),
                         writer.fileno(), offset + start * row_bytes,

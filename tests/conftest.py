@@ -269,11 +269,13 @@ def stored_state() -> dict:
     }
 
 
-def require_kernel() -> None:
+def require_kernel(dtype=None) -> None:
     """For the tests of the fused CPU merge kernel (kernels/merge_cpu.py): skip where this machine
     cannot have it (no AVX-512/AVX2 build it runs, or neither a cached library nor a C compiler);
     fail where it could but the kernel is off, e.g. because it differs from the torch reference,
     so that a wrong kernel does not turn its tests into skips."""
+    import torch
+
     from kernels import merge_cpu
 
     variant = merge_cpu.chosen_variant()
@@ -281,5 +283,7 @@ def require_kernel() -> None:
         pytest.skip("this CPU runs no build of the fused merge kernel (AVX-512 or AVX2 with FMA)")
     if not merge_cpu.library_path(variant).exists() and merge_cpu._compiler() is None:
         pytest.skip("no C compiler here and no cached build of the fused merge kernel")
-    if not merge_cpu.available():
-        pytest.fail(f"the {variant} build of the fused merge kernel did not build or differs from the torch reference")
+    dtype = dtype or torch.bfloat16
+    if not merge_cpu.available(dtype):
+        pytest.fail(f"the {variant} build of the fused merge kernel did not build or differs from the torch reference "
+                    f"in {dtype}")

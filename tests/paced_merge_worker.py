@@ -24,13 +24,13 @@ SafetensorsStreamWriter.copy_at = _paced(SafetensorsStreamWriter.copy_at,
                                          lambda target, source_fd, offset, nbytes: nbytes)
 
 
-def _paced_merge_to_file(weight, *args, merge=merge_cpu.merge_rows_bf16_to_file):
-    """bf16 merges where the fused kernel runs write from C, a whole piece per call: paced by its bytes."""
+def _paced_merge_to_file(weight, *args, merge=merge_cpu.merge_rows_to_file):
+    """bf16 and float16 merges where the fused kernel runs write from C, a whole piece per call: paced by its bytes."""
     time.sleep(weight.numel() * 2 / PACE_BYTES_PER_S)
     return merge(weight, *args)
 
 
-merge_cpu.merge_rows_bf16_to_file = _paced_merge_to_file
+merge_cpu.merge_rows_to_file = _paced_merge_to_file
 
 if __name__ == "__main__":
     from celery.__main__ import main

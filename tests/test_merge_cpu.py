@@ -18,10 +18,11 @@ SHAPES = [(1, 1), (3, 31), (4, 32), (7, 33), (13, 70), (64, 100), (129, 2048)]
 ADAPTERS = [([16], [2.0]), ([1], [0.75]), ([16, 8, 3], [1.0, -0.3, 0.75]), ([64], [-1.0])]
 
 
-def block(rows, columns, ranks, scales, seed=0):
+def block(rows, columns, ranks, scales, seed=0, dtype=torch.bfloat16):
     generator = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(rows, columns, generator=generator) * 0.02).to(torch.bfloat16)
-    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 3.38e38], dtype=torch.bfloat16)
+    weight = (torch.randn(rows, columns, generator=generator) * 0.02).to(dtype)
+    # …, and the largest finite value, which a positive update takes past it (to infinity)
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, torch.finfo(dtype).max], dtype=dtype)
     count = min(len(specials), weight.numel())
     weight.view(-1)[-count:] = specials[:count]  # the last elements: the tails of the kernel
     Bs = [torch.randn(rows, r, generator=generator) * 0.01 for r in ranks]
@@ -36,37 +37,46 @@ def variant(request, monkeypatch):
     if request.param not in merge_cpu.runnable_variants():
         pytest.skip(f"this CPU does not run the {request.param} build")
     monkeypatch.setenv("QUIVER_CPU_KERNEL", request.param)
-    require_kernel()
+    require_kernel(torch.bfloat16)
+    require_kernel(torch.float16)
+    return request.param
+
+
+@pytest.fixture(params=list(merge_cpu.FORMATS), ids=str)
+def dtype(request):
     return request.param
 
 
 @pytest.mark.parametrize("rows, columns", SHAPES)
 @pytest.mark.parametrize("ranks, scales", ADAPTERS)
-def test_fused_cpu_merge_gives_the_reference_bits(variant, rows, columns, ranks, scales):
+def test_fused_cpu_merge_gives_the_reference_bits(variant, dtype, rows, columns, ranks, scales):
     assert merge_cpu._kernel() is merge_cpu._load(variant)
-    weight, Bs, As, scales = block(rows, columns, ranks, scales, seed=rows * 4096 + columns)
-    out = merge_cpu.merge_rows_bf16(weight, *merge_cpu.concat_factors(Bs, As, scales), torch.empty_like(weight))
-    expected = merge_cpu.reference_rows_bf16(weight, Bs, As, scales)
-    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    weight, Bs, As, scales = block(rows, columns, ranks, scales, seed=rows * 4096 + columns, dtype=dtype)
+    out = merge_cpu.merge_rows(weight, *merge_cpu.concat_factors(Bs, As, scales), torch.empty_like(weight))
+    expected = merge_cpu.reference_rows(weight, Bs, As, scales)
+    assert merge_cpu.equal_results(out, expected)
+    assert torch.equal(out.isnan(), weight.isnan())  # a NaN of the base stays one (and only it)
     assert weight.numel() <= 5 or not torch.equal(out, weight)  # the update is there (beyond the specials)
 
 
 @pytest.mark.parametrize("rows, columns, block_rows", [(1, 1, 1), (7, 33, 3), (129, 2048, 32), (64, 100, 64)])
-def test_fused_cpu_merge_to_a_file_writes_the_reference_bytes_at_the_offset(variant, rows, columns, block_rows,
-                                                                             tmp_path):
+def test_fused_cpu_merge_to_a_file_writes_the_reference_bytes_at_the_offset(variant, dtype, rows, columns,
+                                                                             block_rows, tmp_path):
     """Block by block through a buffer of `block_rows` rows (the last block shorter), written at an
     odd offset of a file that has other bytes around that range: those stay as they were."""
-    weight, Bs, As, scales = block(rows, columns, [16, 8, 3], [1.0, -0.3, 0.75], seed=rows + columns)
-    expected = merge_cpu.reference_rows_bf16(weight, Bs, As, scales).view(torch.uint8).numpy().tobytes()
+    weight, Bs, As, scales = block(rows, columns, [16, 8, 3], [1.0, -0.3, 0.75], seed=rows + columns, dtype=dtype)
+    expected = merge_cpu.reference_rows(weight, Bs, As, scales)
+    size = expected.numel() * expected.element_size()
     path, offset = tmp_path / "out.bin", 13
-    path.write_bytes(b"\xaa" * (offset + len(expected) + 5))
+    path.write_bytes(b"\xaa" * (offset + size + 5))
     with path.open("r+b") as handle:
-        buffer = torch.empty(block_rows, columns, dtype=torch.bfloat16)
-        merge_cpu.merge_rows_bf16_to_file(weight, *merge_cpu.concat_factors(Bs, As, scales), buffer, handle.fileno(),
-                                          offset)
+        buffer = torch.empty(block_rows, columns, dtype=dtype)
+        merge_cpu.merge_rows_to_file(weight, *merge_cpu.concat_factors(Bs, As, scales), buffer, handle.fileno(),
+                                     offset)
     written = path.read_bytes()
-    assert written[offset:offset + len(expected)] == expected
-    assert written[:offset] == b"\xaa" * offset and written[offset + len(expected):] == b"\xaa" * 5
+    merged = torch.frombuffer(bytearray(written[offset:offset + size]), dtype=dtype).view(expected.shape)
+    assert merge_cpu.equal_results(merged, expected)
+    assert written[:offset] == b"\xaa" * offset and written[offset + size:] == b"\xaa" * 5
 
 
 def test_fused_cpu_merge_to_a_file_raises_the_write_error(variant, tmp_path):
@@ -76,12 +86,12 @@ def test_fused_cpu_merge_to_a_file_raises_the_write_error(variant, tmp_path):
     path = tmp_path / "read-only.bin"
     path.write_bytes(b"")
     with path.open("rb") as handle, pytest.raises(OSError, match="Bad file descriptor") as raised:
-        merge_cpu.merge_rows_bf16_to_file(weight, *factors, buffer, handle.fileno(), 0)
+        merge_cpu.merge_rows_to_file(weight, *factors, buffer, handle.fileno(), 0)
     assert raised.value.errno == errno.EBADF and path.read_bytes() == b""
     with pytest.raises(ValueError, match="shapes do not agree"):
-        merge_cpu.merge_rows_bf16_to_file(weight, *factors, torch.empty(4, 41, dtype=torch.bfloat16), 1, 0)
+        merge_cpu.merge_rows_to_file(weight, *factors, torch.empty(4, 41, dtype=torch.bfloat16), 1, 0)
     with pytest.raises(ValueError, match="offset"):
-        merge_cpu.merge_rows_bf16_to_file(weight, *factors, buffer, 1, -1)
+        merge_cpu.merge_rows_to_file(weight, *factors, buffer, 1, -1)
 
 
 def test_fused_cpu_merge_refuses_what_it_does_not_take():
@@ -89,16 +99,19 @@ def test_fused_cpu_merge_refuses_what_it_does_not_take():
     weight, Bs, As, scales = block(8, 40, [4], [1.0])
     factors = merge_cpu.concat_factors(Bs, As, scales)
     out = torch.empty_like(weight)
-    with pytest.raises(ValueError, match="bf16 weights"):
-        merge_cpu.merge_rows_bf16(weight.float(), *factors, out)
+    with pytest.raises(ValueError, match="bf16 or float16 weights"):
+        merge_cpu.merge_rows(weight.float(), *factors, out)
+    with pytest.raises(ValueError, match="same dtype"):
+        merge_cpu.merge_rows(weight, *factors, out.to(torch.float16))
     with pytest.raises(ValueError, match="shapes do not agree"):
-        merge_cpu.merge_rows_bf16(weight[:4], *factors, out[:4])
+        merge_cpu.merge_rows(weight[:4], *factors, out[:4])
     with pytest.raises(ValueError, match="contiguous"):
-        merge_cpu.merge_rows_bf16(weight.t().contiguous().t(), *factors, out)
+        merge_cpu.merge_rows(weight.t().contiguous().t(), *factors, out)
 
 
 def test_the_widest_build_the_cpu_runs_is_chosen_unless_told_otherwise(monkeypatch):
-    flags = {"avx512": {"avx512f", "avx512bw", "fma", "avx2"}, "avx2": {"avx2", "fma"}, "none": {"sse2"}}
+    flags = {"avx512": {"avx512f", "avx512bw", "fma", "f16c", "avx2"}, "avx2": {"avx2", "fma", "f16c"},
+             "none": {"sse2", "avx2", "fma"}}  # without F16C: no build
     for cpu, expected in (("avx512", "avx512"), ("avx2", "avx2"), ("none", None)):
         monkeypatch.setattr(merge_cpu, "_cpu_flags", lambda: frozenset(flags[cpu]))
         monkeypatch.delenv("QUIVER_CPU_KERNEL", raising=False)

@@ -350,40 +350,42 @@ def test_peak_memory_stays_well_below_the_checkpoint_size(tmp_path):
     assert merged.data_length == read_safetensors_header(base / "model.safetensors").data_length
 
 
-def test_a_bf16_base_merges_through_the_fused_cpu_kernel_with_the_torch_paths_and_peft_bits(built, monkeypatch):
-    """bf16 in and out: pieces of rows go through kernels/merge_cpu.c where this machine runs it, and
-    the bytes are PEFT's (one rsLoRA adapter: a scale that is not a power of two) and the torch
-    path's (two adapters with different targets, a rank pattern and weights 1 and −0.3)."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_16_bit_base_merges_through_the_fused_cpu_kernel_with_the_torch_paths_and_peft_bits(built, monkeypatch,
+                                                                                            dtype):
+    """bf16 or float16 in and out: pieces of rows go through kernels/merge_cpu.c where this machine
+    runs it, and the bytes are PEFT's (one rsLoRA adapter: a scale that is not a power of two) and
+    the torch path's (two adapters with different targets, a rank pattern and weights 1 and −0.3)."""
     from kernels import merge_cpu
 
-    require_kernel()
+    require_kernel(getattr(torch, dtype))
     calls = []
-    kernel = merge_cpu.merge_rows_bf16_to_file
-    monkeypatch.setattr(merge_cpu, "merge_rows_bf16_to_file", lambda *args: calls.append(1) or kernel(*args))
+    kernel = merge_cpu.merge_rows_to_file
+    monkeypatch.setattr(merge_cpu, "merge_rows_to_file", lambda *args: calls.append(1) or kernel(*args))
     root = built["root"]
-    base = root / "base-bf16"
-    merge_checkpoint(files_in(built["base"]), [], base, dtype="bfloat16")
+    base = root / f"base-{dtype}"
+    merge_checkpoint(files_in(built["base"]), [], base, dtype=dtype)
 
     rslora = built["adapters"]["rslora"]
-    merge_checkpoint(files_in(base), [(parse_adapter(files_in(rslora)), 1.0)], root / "fused-rslora")
+    merge_checkpoint(files_in(base), [(parse_adapter(files_in(rslora)), 1.0)], root / f"fused-rslora-{dtype}")
     assert calls
-    reference = peft_merged(base, [rslora], root / "peft-rslora-bf16", torch.bfloat16)
-    assert max_abs_diff(weights_of(root / "fused-rslora"), weights_of(reference)) == 0.0
+    reference = peft_merged(base, [rslora], root / f"peft-rslora-{dtype}", getattr(torch, dtype))
+    assert max_abs_diff(weights_of(root / f"fused-rslora-{dtype}"), weights_of(reference)) == 0.0
 
     adapters = [(parse_adapter(files_in(built["adapters"][name])), weight)
                 for name, weight in (("pattern", 1.0), ("second", -0.3))]
-    merge_checkpoint(files_in(base), adapters, root / "fused-two")
-    monkeypatch.setattr(merge_cpu, "available", lambda: False)
+    merge_checkpoint(files_in(base), adapters, root / f"fused-two-{dtype}")
+    monkeypatch.setattr(merge_cpu, "available", lambda dtype=None: False)
     calls.clear()
-    merge_checkpoint(files_in(base), adapters, root / "torch-two")
+    merge_checkpoint(files_in(base), adapters, root / f"torch-two-{dtype}")
     assert not calls
-    torch_bytes = (root / "torch-two" / "model.safetensors").read_bytes()
-    assert (root / "fused-two" / "model.safetensors").read_bytes() == torch_bytes
+    torch_bytes = (root / f"torch-two-{dtype}" / "model.safetensors").read_bytes()
+    assert (root / f"fused-two-{dtype}" / "model.safetensors").read_bytes() == torch_bytes
     if merge_cpu.chosen_variant() != "avx2" and "avx2" in merge_cpu.runnable_variants():
         monkeypatch.undo()  # the real available() and kernel again, now the AVX2 build
         monkeypatch.setenv("QUIVER_CPU_KERNEL", "avx2")
         assert merge_cpu._kernel() is merge_cpu._load("avx2") is not None
-        monkeypatch.setattr(merge_cpu, "merge_rows_bf16_to_file", lambda *args: calls.append(1) or kernel(*args))
-        merge_checkpoint(files_in(base), adapters, root / "fused-two-avx2")
+        monkeypatch.setattr(merge_cpu, "merge_rows_to_file", lambda *args: calls.append(1) or kernel(*args))
+        merge_checkpoint(files_in(base), adapters, root / f"fused-two-avx2-{dtype}")
         assert calls
-        assert (root / "fused-two-avx2" / "model.safetensors").read_bytes() == torch_bytes
+        assert (root / f"fused-two-avx2-{dtype}" / "model.safetensors").read_bytes() == torch_bytes
