@@ -1,4 +1,4 @@
-"""Streaming merge: a ≥ 1 GB bf16 Llama base + one r=16 LoRA on every linear layer
+"""Streaming merge: a ≥ 1 GB bf16 (or, with --dtype float16, float16) Llama base + one r=16 LoRA on every linear layer
 (q, k, v, o, gate, up, down), merged by kernels.streaming_merge.merge_checkpoint,
 with its peers measured in the same run:
 
@@ -6,7 +6,7 @@ with its peers measured in the same run:
   floor: any merge has to read and write every byte);
 * quiver: merge_checkpoint in a fresh subprocess (time of the call, peak RSS);
 * peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base,
-  dtype=bfloat16), adapter).merge_and_unload().save_pretrained(out) in a fresh
+  dtype=<the base's dtype>), adapter).merge_and_unload().save_pretrained(out) in a fresh
   subprocess (time of those calls, peak RSS);
 * max_abs_diff_vs_peft: largest |quiver − peft| over every tensor of the two outputs.
 
@@ -76,9 +76,9 @@ def peak_rss() -> int:
 # Inputs
 
 
-def build_base(folder: Path, layers: int, seed: int = 0) -> Path:
+def build_base(folder: Path, layers: int, seed: int = 0, dtype: str = "bfloat16") -> Path:
     """A LlamaForCausalLM checkpoint (every tensor transformers expects) with
-    random bf16 weights from a fixed seed, written with safetensors."""
+    random weights of `dtype` from a fixed seed, written with safetensors."""
     import torch
     from safetensors.torch import save_file
 
@@ -89,15 +89,15 @@ def build_base(folder: Path, layers: int, seed: int = 0) -> Path:
         "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS, "head_dim": head_dim, "vocab_size": VOCAB, "hidden_act": "silu",
         "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16",
+        "bos_token_id": 1, "eos_token_id": 2, "dtype": dtype,
     }
     generator = torch.Generator().manual_seed(seed)
 
     def weight(*shape):
-        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=generator) * 0.02).to(getattr(torch, dtype))
 
     def norm():
-        return (1 + 0.1 * torch.randn(HIDDEN, generator=generator)).to(torch.bfloat16)
+        return (1 + 0.1 * torch.randn(HIDDEN, generator=generator)).to(getattr(torch, dtype))
 
     kv = KV_HEADS * head_dim
     tensors = {"model.embed_tokens.weight": weight(VOCAB, HIDDEN), "model.norm.weight": norm(),
@@ -189,7 +189,8 @@ def child_peft(base: Path, adapter: Path, out: Path, max_shard_bytes: int = SHAR
     clear_output(out)
     baseline, cpu = current_rss(), cpu_seconds()
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    dtype = json.loads((base / "config.json").read_text())["dtype"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.save_pretrained(out, max_shard_size=max_shard_bytes)
     seconds = time.perf_counter() - start
@@ -263,6 +264,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=10, help="decoder layers (10 → 1.14 GB)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                        help="the base's dtype (both merge through the fused CPU kernel where it runs)")
     parser.add_argument("--repeat", type=int, default=3, help="copy / quiver runs, alternated; the best of each counts")
     parser.add_argument("--device", default="cpu",
                         help="where quiver merges the adapted tensors (cpu, or cuda on a GPU worker: the Triton kernel)")
@@ -291,14 +294,18 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="quiver-bench-merge-", dir=ROOT / "var"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        base, adapter = work / "base", work / "adapter"
-        marker = base / f".built-{args.layers}"
+        # The adapter (float32 factors) serves both dtypes' bases: it depends on their shapes only.
+        base = work / ("base" if args.dtype == "bfloat16" else f"base-{args.dtype}")
+        adapter = work / "adapter"
+        marker, adapter_marker = base / f".built-{args.layers}", adapter / f".built-{args.layers}"
         if not marker.exists():
             shutil.rmtree(base, ignore_errors=True)
-            shutil.rmtree(adapter, ignore_errors=True)
-            build_base(base, args.layers)
-            build_adapter(base, adapter)
+            build_base(base, args.layers, dtype=args.dtype)
             marker.touch()
+        if not adapter_marker.exists():
+            shutil.rmtree(adapter, ignore_errors=True)
+            build_adapter(base, adapter)
+            adapter_marker.touch()
         weights = base / "model.safetensors"
         size = weights.stat().st_size
 
@@ -328,7 +335,7 @@ def main() -> None:
         # The copy's time swings with the VM's page-cache state (0.27–1.1 s within an hour here); each
         # merge against the copy just before it shows how much of the ratio is that swing.
         paired = sorted(m["seconds"] / c for m, c in zip(merges, copies))
-        headline = {"bench": "merge", "device": args.device, "bytes": size, "copy_s": round(copy_s, 3), "quiver_s": round(quiver_s, 3),
+        headline = {"bench": "merge", "device": args.device, "dtype": args.dtype, "bytes": size, "copy_s": round(copy_s, 3), "quiver_s": round(quiver_s, 3),
                     "ratio_to_copy": round(quiver_s / copy_s, 3), "rss_fraction": round(quiver_fraction, 4),
                     "paired_ratios": [round(r, 3) for r in paired],
                     "weight_files": len(list((work / "quiver-out").glob("model*.safetensors")))}
