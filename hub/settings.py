@@ -151,16 +151,16 @@ STORAGES = {
     "blobs": BLOB_STORAGE,
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
+# Worker-local cache of blobs read from remote (S3) storage, least recently used evicted first
+# (hub.blobs._cached_blob): merges read whole base models, and most use one of a few bases.
+QUIVER_BLOB_CACHE_DIR = Path(os.environ.get("QUIVER_BLOB_CACHE_DIR", VAR_DIR / "blob-cache"))
+QUIVER_BLOB_CACHE_BYTES = int(os.environ.get("QUIVER_BLOB_CACHE_BYTES", 32 * 2**30))
 
 # Uploads stream to temporary files on the blob volume while they are hashed
 # (hub.uploads.HashingUploadHandler); nothing large is held in memory.
 FILE_UPLOAD_TEMP_DIR = str(Path(os.environ.get("QUIVER_UPLOAD_TMP", VAR_DIR / "uploads")))
 Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
 FILE_UPLOAD_HANDLERS = ["hub.uploads.HashingUploadHandler"]
-# Worker-local cache of blobs read from remote (S3) storage, least recently used evicted first
-# (hub.blobs._cached_blob): merges read whole base models, and most use one of a few bases.
-QUIVER_BLOB_CACHE_DIR = Path(os.environ.get("QUIVER_BLOB_CACHE_DIR", VAR_DIR / "blob-cache"))
-QUIVER_BLOB_CACHE_BYTES = int(os.environ.get("QUIVER_BLOB_CACHE_BYTES", 32 * 2**30))
 FILE_UPLOAD_MAX_MEMORY_SIZE = 0
 DATA_UPLOAD_MAX_NUMBER_FILES = 256
 QUIVER_MAX_ADAPTER_BYTES = int(os.environ.get("QUIVER_MAX_ADAPTER_BYTES", 4 * 2**30))
