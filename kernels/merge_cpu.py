@@ -25,9 +25,10 @@ bits):
   clang) builds it there on first use (well under a second). The Docker image builds both in a
   build stage and carries only the libraries, no compiler;
 * on random blocks (tails, several adapters, negative and non-power-of-two scales) it gives
-  exactly the reference's bits, checked for each dtype: a dtype that differs runs the torch path. The kernel's products are FMA chains in k order; MKL's sgemm
-  computes the same on the CPUs measured, but BLAS promises no order, so this is checked once
-  per process and variant rather than assumed.
+  exactly the reference's bits (`equal_results`: in float16 a NaN only has to stay a NaN),
+  checked for each dtype: a dtype that differs runs the torch path. The kernel's products are
+  FMA chains in k order; MKL's sgemm computes the same on the CPUs measured, but BLAS promises
+  no order, so this is checked once per process and variant rather than assumed.
 
 Why C rather than Triton: Triton compiles for GPUs; on CPU the choice is a C kernel or torch's
 passes. Why not a library: no library fuses a bf16 upcast, a low-rank GEMM and the rounding
