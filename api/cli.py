@@ -24,6 +24,7 @@ from tqdm import tqdm
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000"
 CHUNK = 1 << 20
 MERGES = "merges/"
+FINISHED_STATES = ("succeeded", "failed", "cancelled")  # hub.models.Job.FINISHED_STATES (cli.py imports no Django)
 
 
 class CliError(Exception):
@@ -148,7 +149,7 @@ def download_file(client: Client, url: str, target: Path, size: int, sha256: str
 def wait_for_job(client: Client, job: dict, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     with client.progress(total=1.0, desc=job["kind"], bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}") as bar:
-        while job["state"] not in ("succeeded", "failed"):
+        while job["state"] not in FINISHED_STATES:
             if time.monotonic() > deadline:
                 raise CliError(f"job {job['id']} is still {job['state']} after {timeout:g}s "
                                f"(follow it with: quiver jobs {job['id']} --wait)")
@@ -159,6 +160,9 @@ def wait_for_job(client: Client, job: dict, timeout: float) -> dict:
     if job["state"] == "failed":
         raise CliError(f"job {job['id']} failed: {job['error']}", {"error": {"code": "job_failed",
                                                                          "message": job["error"]}, "job": job})
+    if job["state"] == "cancelled":
+        raise CliError(f"job {job['id']} was cancelled", {"error": {"code": "job_cancelled",
+                                                                    "message": "cancelled"}, "job": job})
     return job
 
 
@@ -270,8 +274,11 @@ def cmd_generate(client: Client, args) -> tuple[dict, str]:
 
 
 def cmd_jobs(client: Client, args) -> tuple[dict, str]:
-    job = client.json("GET", f"/api/v1/jobs/{args.job_id}/")
-    if args.wait:
+    if args.cancel:
+        job = client.json("POST", f"/api/v1/jobs/{args.job_id}/cancel/")
+    else:
+        job = client.json("GET", f"/api/v1/jobs/{args.job_id}/")
+    if args.wait and not args.cancel:
         job = wait_for_job(client, job, args.timeout)
     return job, f"{job['id']} {job['kind']} {job['state']} {job['progress']:.0%} {job.get('message') or ''}".rstrip()
 
@@ -396,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("jobs", help="a background job's state")
     command.add_argument("job_id")
     command.add_argument("--wait", action="store_true", help="follow it until it finishes")
+    command.add_argument("--cancel", action="store_true", help="cancel it (queued or running)")
     command.add_argument("--timeout", type=float, default=3600)
     command.set_defaults(run=cmd_jobs)
 

@@ -17,6 +17,7 @@ from hub.services import compositions, generations
 from kernels.compose import METHODS
 from hub.services import adapters as adapter_services
 from hub.services import base_models as base_model_services
+from hub.services import jobs as job_services
 from hub.services.files import incoming_uploads
 from workers import app as celery_app
 
@@ -281,6 +282,17 @@ class JobDetailView(APIView):
     @extend_schema(responses=s.JobSerializer)
     def get(self, request, job_id):
         return Response(s.JobSerializer(selectors.get_job(request.user, job_id)).data)
+
+
+class JobCancelView(APIView):
+    """Cancel a queued or running job (its owner, or staff): 200 with the job, now `cancelled`;
+    409 `job_finished` once it has ended."""
+
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(request=None, responses={200: s.JobSerializer})
+    def post(self, request, job_id):
+        return Response(s.JobSerializer(job_services.cancel_job(user=request.user, job_id=job_id)).data)
 
 
 class HealthView(APIView):

@@ -16,6 +16,7 @@ from hub import search, selectors
 from hub.errors import NotFound, QuiverError
 from hub.models import Job
 from hub.services import accounts, compositions, generations
+from hub.services import jobs as job_services
 from hub.services.adapters import upload_adapter
 from hub.services.files import incoming_uploads
 
@@ -170,11 +171,18 @@ def generate(request):
 
 
 @login_required
-@require_GET
+@require_http_methods(["GET", "POST"])
 @not_found_as_404
 def job_detail(request, job_id):
+    """The job's progress and result; POST (its Cancel button) cancels it."""
+    if request.method == "POST":
+        try:
+            job_services.cancel_job(user=request.user, job_id=job_id)
+        except QuiverError as error:  # e.g. it finished meanwhile: the page says how it ended
+            messages.info(request, error.message)
+        return redirect("frontend:job", job_id)
     job = selectors.get_job(request.user, job_id)
-    finished = job.state in (Job.State.SUCCEEDED, Job.State.FAILED)
+    finished = job.state in Job.FINISHED_STATES
     return render(request, "frontend/job.html", {"job": job, "finished": finished})
 
 

@@ -155,6 +155,17 @@ def test_compose_merge_and_jobs_follow_background_jobs(live_hub, celery_worker_p
 
     rc, job, _ = quiver(live_hub, "jobs", merged["id"], "--wait", token=alice_token)
     assert rc == 0 and job["state"] == "succeeded" and job["progress"] == 1.0
+    rc, refused, _ = quiver(live_hub, "jobs", merged["id"], "--cancel", token=alice_token)
+    assert rc == 1 and refused["error"]["code"] == "job_finished"
+    from django.contrib.auth import get_user_model
+
+    from hub.models import Job
+
+    queued = Job.objects.create(kind=Job.Kind.MERGE, owner=get_user_model().objects.get(username="alice"))
+    rc, cancelled, _ = quiver(live_hub, "jobs", str(queued.id), "--cancel", token=alice_token)
+    assert rc == 0 and cancelled["state"] == "cancelled"
+    rc, waited, _ = quiver(live_hub, "jobs", str(queued.id), "--wait", token=alice_token)
+    assert rc == 1 and waited["error"]["code"] == "job_cancelled"
     rc, text, _ = quiver(live_hub, "show", result["repo_id"], json_output=False)
     assert rc == 0 and "model.safetensors" in text
 

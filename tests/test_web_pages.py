@@ -104,6 +104,21 @@ def test_a_job_page_is_private_to_its_owner(client, make_user):
     assert client.get(f"/jobs/{job.id}/").status_code == 404
 
 
+def test_a_job_page_cancels_its_job_and_then_says_so(client, make_user):
+    from hub.models import Job
+
+    job = Job.objects.create(kind=Job.Kind.MERGE, owner=make_user("alice"))
+    client.force_login(Job.objects.get(id=job.id).owner)
+    assert 'id="cancel-job"' in client.get(f"/jobs/{job.id}/").content.decode()
+    response = client.post(f"/jobs/{job.id}/")
+    assert response.status_code == 302 and response["Location"] == f"/jobs/{job.id}/"
+    page = client.get(f"/jobs/{job.id}/").content.decode()
+    assert Job.objects.get(id=job.id).state == Job.State.CANCELLED
+    assert "The job was cancelled." in page and 'id="cancel-job"' not in page and "http-equiv=\"refresh\"" not in page
+    again = client.post(f"/jobs/{job.id}/", follow=True).content.decode()  # e.g. a second tab
+    assert "has already ended (cancelled); there is nothing to cancel" in again
+
+
 def test_model_cards_render_markdown_but_never_raw_html_or_script_links():
     from frontend.templatetags.quiver import markdown
 

@@ -1,5 +1,6 @@
 """A worker killed with SIGKILL in the middle of a merge: the job is retried by another worker and
-completes; nothing partial is ever served; no orphan blob remains."""
+completes; nothing partial is ever served; no orphan blob remains. A merge cancelled in the middle:
+its worker stops, removes its scratch files and takes the next job."""
 from __future__ import annotations
 
 import hashlib
@@ -45,14 +46,11 @@ def only_our_workers():
     app.control.add_consumer("gpu", destination=[session_worker], reply=True, timeout=2)
 
 
-def test_a_merge_whose_worker_is_killed_is_retried_and_completes(large_files, only_our_workers, make_user,
-                                                                   client_for):
-    from django.conf import settings
-
-    from hub.models import Job, MergedCheckpoint
+@pytest.fixture
+def large_registry(large_files, make_user, client_for):
+    """alice's large base and LoRA registered; her API client."""
     from hub.services.adapters import upload_adapter
     from hub.services.base_models import register_base_model
-    from hub.services.cleanup import sweep_stale_scratch, unreferenced_blobs
     from hub.services.files import IncomingFile
 
     base_dir, adapter_dir = large_files
@@ -61,26 +59,59 @@ def test_a_merge_whose_worker_is_killed_is_retried_and_completes(large_files, on
                         files=[IncomingFile.from_path(p) for p in sorted(base_dir.iterdir()) if p.is_file()])
     upload_adapter(user=alice, namespace="alice", name="large-lora", base_model="alice/large-llama",
                    files=[IncomingFile.from_path(p) for p in sorted(adapter_dir.iterdir()) if p.is_file()])
-    api = client_for(alice)
-    scratch = Path(settings.FILE_UPLOAD_TEMP_DIR)
-    scratch_before = set(scratch.glob("merge-*"))
+    return client_for(alice)
 
-    # Its writes are paced (tests/paced_merge_worker.py), so that the kill lands mid-stream.
-    doomed = start_worker(ARTIFACTS / "celery-worker-killed.log", name=f"doomed-{os.getpid()}", queues="gpu",
-                          module="tests.paced_merge_worker", **VISIBILITY)
+
+def request_large_merge(api) -> str:
+    response = api.post("/api/v1/merges/", {"base_model": "alice/large-llama",
+                                            "adapters": [{"id": "alice/large-lora", "weight": 0.5}]}, format="json")
+    assert response.status_code == 202, response.content
+    return response.json()["id"]
+
+
+def merge_streaming(api) -> str:
+    """A merge requested, once it runs and streams its tensors (on a paced worker): its job id."""
+    from hub.models import Job
+
+    job_id = request_large_merge(api)
+    deadline = time.monotonic() + 120
+    while True:
+        job = Job.objects.get(id=job_id)
+        if job.state == Job.State.RUNNING and 0.06 < job.progress < 0.9:
+            return job_id
+        assert job.state != Job.State.SUCCEEDED, "the merge finished before it could be interrupted"
+        assert time.monotonic() < deadline, f"the merge never started: {job.state} {job.progress}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def new_merge_scratch():
+    """() → the merges' scratch folders that appeared since the test began."""
+    from django.conf import settings
+
+    scratch = Path(settings.FILE_UPLOAD_TEMP_DIR)
+    before = set(scratch.glob("merge-*"))
+    return lambda: set(scratch.glob("merge-*")) - before
+
+
+def start_paced_worker(name: str):
+    """A worker on the merge queue whose writes are paced (tests/paced_merge_worker.py), so that
+    what a test does to its merge lands mid-stream."""
+    return start_worker(ARTIFACTS / f"celery-worker-{name}.log", name=f"{name}-{os.getpid()}", queues="gpu",
+                        module="tests.paced_merge_worker", **VISIBILITY)
+
+
+def test_a_merge_whose_worker_is_killed_is_retried_and_completes(large_registry, only_our_workers,
+                                                                   new_merge_scratch):
+    from django.conf import settings
+
+    from hub.models import Job, MergedCheckpoint
+    from hub.services.cleanup import sweep_stale_scratch, unreferenced_blobs
+
+    api = large_registry
+    doomed = start_paced_worker("killed")
     try:
-        response = api.post("/api/v1/merges/", {"base_model": "alice/large-llama",
-                                                "adapters": [{"id": "alice/large-lora", "weight": 0.5}]}, format="json")
-        assert response.status_code == 202, response.content
-        job_id = response.json()["id"]
-        deadline = time.monotonic() + 120
-        while True:  # kill it while it streams the merged tensors
-            job = Job.objects.get(id=job_id)
-            if job.state == Job.State.RUNNING and 0.06 < job.progress < 0.9:
-                break
-            assert job.state != Job.State.SUCCEEDED, "the merge finished before it could be killed"
-            assert time.monotonic() < deadline, f"the merge never started: {job.state} {job.progress}"
-            time.sleep(0.02)
+        job_id = merge_streaming(api)  # killed while it streams the merged tensors
     finally:  # killed mid-merge, or (the test failing) killed anyway: never left running
         os.killpg(doomed.pid, signal.SIGKILL)
         doomed.wait(timeout=60)
@@ -109,7 +140,44 @@ def test_a_merge_whose_worker_is_killed_is_retried_and_completes(large_files, on
     assert MergedCheckpoint.objects.count() == 1
     assert not unreferenced_blobs(timedelta(0)).exists()  # the killed attempt left no orphan blob
     # ...but its half-written checkpoint is still in the scratch folder, until the hourly sweep
-    # finds it idle for the grace period (here: any time at all).
-    assert set(scratch.glob("merge-*")) - scratch_before, "the killed merge left no scratch folder"
-    assert sweep_stale_scratch(older_than=timedelta(0)) >= 1
-    assert not list(scratch.glob("merge-*"))
+    # finds it idle for the grace period: aged here past it, then swept (other entries are fresh).
+    left = new_merge_scratch()
+    assert left, "the killed merge left no scratch folder"
+    idle_since = time.time() - settings.QUIVER_ORPHAN_GRACE_SECONDS - 60
+    for folder in left:
+        for path in [folder, *folder.rglob("*")]:
+            os.utime(path, (idle_since, idle_since))
+    assert sweep_stale_scratch() >= 1
+    assert not new_merge_scratch()
+
+
+def test_a_merge_cancelled_midway_stops_cleans_up_and_frees_its_worker(large_registry, only_our_workers,
+                                                                        new_merge_scratch):
+    from hub.models import Job, MergedCheckpoint
+    from hub.services.cleanup import unreferenced_blobs
+
+    api = large_registry
+    worker = start_paced_worker("cancel")
+    try:
+        job_id = merge_streaming(api)
+        assert new_merge_scratch(), "the merge writes no scratch folder"
+        response = api.post(f"/api/v1/jobs/{job_id}/cancel/")
+        assert response.status_code == 200 and response.json()["state"] == "cancelled", response.content
+
+        # The worker notices at its next progress report: it stops and its scratch folder goes.
+        deadline = time.monotonic() + 30
+        while new_merge_scratch():
+            assert time.monotonic() < deadline, "the cancelled merge is still writing"
+            time.sleep(0.05)
+        stopped = Job.objects.get(id=job_id)
+        assert stopped.state == Job.State.CANCELLED and stopped.result is None and not stopped.error
+        assert not MergedCheckpoint.objects.exists() and not unreferenced_blobs(timedelta(0)).exists()
+        again = api.post(f"/api/v1/jobs/{job_id}/cancel/")
+        assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
+
+        # The same worker is free for the next job: the same merge, asked again, completes.
+        finished = wait_for_job(request_large_merge(api), timeout=120)
+        assert finished.state == Job.State.SUCCEEDED, finished.error
+        assert Job.objects.get(id=job_id).state == Job.State.CANCELLED
+    finally:
+        stop_worker(worker)

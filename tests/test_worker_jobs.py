@@ -74,3 +74,48 @@ def test_revisions_without_plots_are_analysed_again_on_request(celery_worker_pro
     rerun = Job.objects.filter(kind=Job.Kind.ANALYZE).order_by("-created_at").first()
     assert wait_for_job(rerun.id).state == Job.State.SUCCEEDED
     assert set(RevisionPlot.objects.values_list("kind", flat=True)) == {"spectrum", "layer-norms"}
+
+
+def test_cancelling_a_job_stops_it_before_it_starts_or_at_its_next_progress_report(make_user, client_for):
+    """Through the API, with the job's own run_job: a queued job, once cancelled, never runs (its
+    task, delivered later, does nothing); a running one stops at its next report, and its end
+    (success, or a failure) never overwrites the cancellation. Only its owner (or staff) may
+    cancel it, and only before it has ended."""
+    from hub.models import Job
+    from hub.services.jobs import run_job
+
+    alice, bob = make_user("alice"), make_user("bob")
+    api = client_for(alice)
+    queued = Job.objects.create(kind=Job.Kind.MERGE, owner=alice)
+    assert client_for(bob).post(f"/api/v1/jobs/{queued.id}/cancel/").status_code == 404
+    assert client_for(None).post(f"/api/v1/jobs/{queued.id}/cancel/").status_code == 401
+    response = api.post(f"/api/v1/jobs/{queued.id}/cancel/")
+    assert response.status_code == 200 and response.json()["state"] == "cancelled"
+    calls = []
+    delivered = run_job(str(queued.id), lambda job, reporter: calls.append(job) or {})
+    assert calls == [] and delivered.state == Job.State.CANCELLED and delivered.attempts == 0
+
+    running = Job.objects.create(kind=Job.Kind.COMPOSE, owner=alice)
+    steps = []
+
+    def work(job, reporter):
+        reporter.progress(0.1, "started")
+        steps.append("reported")
+        assert api.post(f"/api/v1/jobs/{job.id}/cancel/").status_code == 200  # from outside, mid-work
+        reporter.progress(1.0, "the last report")  # stops here
+        steps.append("went on")
+        return {"stored": "nothing"}
+
+    stopped = run_job(str(running.id), work)
+    assert steps == ["reported"]
+    assert stopped.state == Job.State.CANCELLED and stopped.result is None and stopped.error == ""
+    assert stopped.progress == 0.1 and stopped.message == "cancelled"
+    finished = api.post(f"/api/v1/jobs/{running.id}/cancel/")
+    assert finished.status_code == 409 and "already ended (cancelled)" in finished.json()["error"]["message"]
+
+    def fails_after_the_cancel(job, reporter):
+        api.post(f"/api/v1/jobs/{job.id}/cancel/")
+        raise RuntimeError("an error after the cancellation")
+
+    failing = Job.objects.create(kind=Job.Kind.COMPOSE, owner=alice)
+    assert run_job(str(failing.id), fails_after_the_cancel).state == Job.State.CANCELLED

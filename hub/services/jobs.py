@@ -14,7 +14,9 @@ from celery import current_app
 from django.db import transaction
 from django.utils import timezone
 
+from hub.errors import Conflict
 from hub.models import Job
+from hub.selectors import get_job
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,14 @@ def enqueue_job(*, kind: str, owner, params: dict) -> Job:
     return job
 
 
+class JobCancelled(Exception):
+    """Raised inside a job's work, at a progress report, once the job was cancelled."""
+
+
 class JobReporter:
-    """Progress reports from inside a running job (rate-limited writes)."""
+    """Progress reports from inside a running job (rate-limited writes). Each write is also where a
+    cancellation is noticed: the row is updated only while the job is running, so an update that
+    finds no row means someone cancelled it, and the work stops there (JobCancelled)."""
 
     def __init__(self, job: Job):
         self.job = job
@@ -53,15 +61,21 @@ class JobReporter:
         if now - self._last_write < 0.2 and fraction < 1.0:
             return
         self._last_write = now
-        Job.objects.filter(id=self.job.id).update(progress=fraction, message=message[:500])
+        if not _running(self.job.id).update(progress=fraction, message=message[:500]):
+            raise JobCancelled(f"job {self.job.id} was cancelled")
+
+
+def _running(job_id):
+    return Job.objects.filter(id=job_id, state=Job.State.RUNNING)
 
 
 def run_job(job_id: str, work: Callable[[Job, JobReporter], dict]) -> Job:
-    """Run `work` for a job, idempotently: a finished job is not run again; a job
-    redelivered after a worker died (state running) is simply run again."""
+    """Run `work` for a job, idempotently: a finished (or cancelled) job is not run again; a job
+    redelivered after a worker died (state running) is simply run again. Its end is written only
+    while it is still running, so a cancellation is never overwritten."""
     with transaction.atomic():
         job = Job.objects.select_for_update().get(id=job_id)
-        if job.state in (Job.State.SUCCEEDED, Job.State.FAILED):
+        if job.state in Job.FINISHED_STATES:
             return job
         job.state = Job.State.RUNNING
         job.started_at = timezone.now()
@@ -69,9 +83,11 @@ def run_job(job_id: str, work: Callable[[Job, JobReporter], dict]) -> Job:
         job.save(update_fields=["state", "started_at", "attempts"])
     try:
         result = work(job, JobReporter(job))
+    except JobCancelled:  # the work stopped where it noticed; its own cleanup (temporary files) has run
+        logger.info("job %s stopped: cancelled", job_id)
     except Exception as error:  # the job row is the place errors are reported
         logger.exception("job %s failed", job_id)
-        Job.objects.filter(id=job.id).update(
+        _running(job.id).update(
             state=Job.State.FAILED,
             error=f"{type(error).__name__}: {error}"[:5000],
             message="failed",
@@ -79,8 +95,25 @@ def run_job(job_id: str, work: Callable[[Job, JobReporter], dict]) -> Job:
         )
         logger.debug("traceback: %s", traceback.format_exc())
     else:
-        Job.objects.filter(id=job.id).update(
+        _running(job.id).update(
             state=Job.State.SUCCEEDED, progress=1.0, result=result, message="done", finished_at=timezone.now()
         )
     job.refresh_from_db()
+    return job
+
+
+def cancel_job(*, user, job_id) -> Job:
+    """Cancel a queued or running job of `user`'s (any job for staff). A queued job never starts;
+    a running one stops at its next progress report (within a fraction of a second while it
+    streams a merge), removing its temporary files. Work that ends before it reports again keeps
+    its result (a merge's stored checkpoint is then reused by the next identical request)."""
+    get_job(user, job_id)  # 404 where the user may not see it
+    with transaction.atomic():
+        job = Job.objects.select_for_update().get(id=job_id)
+        if job.state in Job.FINISHED_STATES:
+            raise Conflict("job_finished", f"Job {job.id} has already ended ({job.state}); there is nothing to cancel.")
+        job.state = Job.State.CANCELLED
+        job.message = "cancelled"
+        job.finished_at = timezone.now()
+        job.save(update_fields=["state", "message", "finished_at"])
     return job

@@ -19,7 +19,7 @@
           state.textContent = job.state;
           state.setAttribute("data-state", job.state);
           message.textContent = job.message || "";
-          if (job.state === "succeeded" || job.state === "failed") {
+          if (job.state === "succeeded" || job.state === "failed" || job.state === "cancelled") {
             window.location.reload();
           } else {
             window.setTimeout(poll, 500);
