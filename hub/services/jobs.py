@@ -42,8 +42,10 @@ def enqueue_job(*, kind: str, owner, params: dict) -> Job:
     return job
 
 
-class JobCancelled(Exception):
-    """Raised inside a job's work, at a progress report, once the job was cancelled."""
+class JobCancelled(BaseException):
+    """Raised inside a job's work, at a progress report, once the job was cancelled. A
+    BaseException, as asyncio.CancelledError is: work that catches Exception to report or retry
+    a step must not swallow a cancellation (cleanup in `finally` blocks still runs)."""
 
 
 class JobReporter:
