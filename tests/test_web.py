@@ -258,6 +258,23 @@ def test_job_page_moves_its_progress_bar_live_and_shows_the_result(make_user, pa
     screenshot(page, request)
 
 
+def test_a_running_job_is_cancelled_from_its_page(make_user, page, request):
+    """The Cancel button (a form with the CSRF token) cancels the job; the page then says so and
+    stops following it (the worker is stood in for by the row, as above)."""
+    from hub.models import Job
+
+    job = Job.objects.create(kind=Job.Kind.MERGE, owner=make_user("alice"), state=Job.State.RUNNING, progress=0.4,
+                             message="merged model.layers.3.mlp.up_proj.weight")
+    sign_in(page, "alice")
+    page.goto(f"/jobs/{job.id}/")
+    page.get_by_role("button", name="Cancel the job").click()
+    page.locator("#job-cancelled").wait_for()
+    assert page.locator("#job-state").inner_text() == "cancelled"
+    assert page.get_by_role("button", name="Cancel the job").count() == 0
+    assert Job.objects.get(id=job.id).state == Job.State.CANCELLED
+    screenshot(page, request)
+
+
 def test_private_adapter_is_invisible_when_signed_out(registry, make_user, page, request):
     from hub.services.adapters import upload_adapter
     from hub.services.files import IncomingFile
