@@ -283,6 +283,19 @@ def cmd_jobs(client: Client, args) -> tuple[dict, str]:
     return job, f"{job['id']} {job['kind']} {job['state']} {job['progress']:.0%} {job.get('message') or ''}".rstrip()
 
 
+def cmd_merges(client: Client, args) -> tuple[dict, str]:
+    if args.delete:
+        merge_id = args.delete.removeprefix(MERGES)
+        client.request("DELETE", f"/api/v1/merges/{merge_id}/")
+        return {"deleted": f"{MERGES}{merge_id}"}, f"deleted {MERGES}{merge_id}"
+    found = client.json("GET", "/api/v1/merges/", params={"limit": args.limit})
+    lines = [f"{m['repo_id']}  {m['base_model']}  {m['method']}  {m['size'] / 2**20:.1f} MiB  "
+             f"last used {m['last_used_at'][:16]}  expires {(m['expires_at'] or 'never')[:10]}"
+             for m in found["results"]]
+    more = found["count"] - len(found["results"])
+    return found, "\n".join(lines + ([f"... and {more} more (--limit)"] if more > 0 else [])) or "no stored merges"
+
+
 def cmd_which(client: Client, args) -> tuple[dict, str]:
     path = Path(args.file)
     if path.is_file():
@@ -406,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--cancel", action="store_true", help="cancel it (queued or running)")
     command.add_argument("--timeout", type=float, default=3600)
     command.set_defaults(run=cmd_jobs)
+
+    command = commands.add_parser("merges", help="the stored merges you made, with size and expiry")
+    command.add_argument("--limit", type=int, default=50)
+    command.add_argument("--delete", metavar="MERGE_ID", help="remove a stored merge you made (merges/<id> or <id>)")
+    command.set_defaults(run=cmd_merges)
 
     command = commands.add_parser("which", help="which adapters hold this file (looked up by its sha256)")
     command.add_argument("file", help="a local file, or a sha256")

@@ -21,6 +21,7 @@ from rest_framework.views import APIView
 from api.downloads import blob_download_response
 from api.exceptions import error_body, json_exception_handler
 from hub import selectors
+from hub.services import compositions
 from hub.errors import NotFound
 
 # hub.errors codes → the X-Error-Code values huggingface_hub maps to its exceptions
@@ -124,6 +125,9 @@ class ResolveView(HubView):
         repo = selectors.get_hub_repo(request.user, repo_id, revision)
         self.commit = repo.commit
         stored = repo.file(filename)
+        if repo.kind == "merge":
+            merge_id = repo.repo_id.removeprefix(f"{selectors.MERGES_NAMESPACE}/")
+            compositions.mark_merge_used(merge_id, unless_used_within=compositions.MERGE_USE_RESOLUTION)
         return blob_download_response(request, sha256=stored.sha256, size=stored.size, filename=filename, extra_headers={
             "X-Repo-Commit": repo.commit, "X-Linked-Etag": f'"{stored.sha256}"', "X-Linked-Size": str(stored.size)})
 

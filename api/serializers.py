@@ -320,15 +320,25 @@ class PinnedAdapterSerializer(serializers.Serializer):
     weight = serializers.FloatField()
 
 
-class MergedCheckpointSerializer(serializers.Serializer):
+class MergeSummarySerializer(serializers.Serializer):
     merge_id = serializers.CharField()
     repo_id = serializers.CharField(help_text="merges/<merge_id>: the Hugging Face Hub-compatible repository id")
+    url = serializers.CharField(help_text="the merge's manifest, with its files")
     base_model = serializers.CharField()
-    base_model_revision = serializers.CharField(help_text="commit over the base model's files")
     adapters = PinnedAdapterSerializer(many=True)
     method = serializers.CharField()
     params = serializers.DictField()
     dtype = serializers.CharField(allow_null=True)
+    size = serializers.IntegerField(help_text="bytes of its files")
+    created_at = serializers.DateTimeField()
+    last_used_at = serializers.DateTimeField(help_text="its last download or identical request")
+    expires_at = serializers.DateTimeField(allow_null=True, help_text=(
+        "when retention removes it unless it is used before (null: kept); past the hub's storage cap the least "
+        "recently used merges go earlier. Requesting the same merge again makes it again."))
+
+
+class MergedCheckpointSerializer(MergeSummarySerializer):
+    base_model_revision = serializers.CharField(help_text="commit over the base model's files")
     files = serializers.ListField(child=serializers.DictField())
 
 

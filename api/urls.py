@@ -20,7 +20,7 @@ urlpatterns = [
     re_path(rf"^base-models/{NAME}/files/(?P<filename>[^/]+)$", views.BaseModelFileView.as_view(), name="base-model-file"),
     path("compose-methods/", views.ComposeMethodListView.as_view(), name="compose-methods"),
     path("compositions/", views.CompositionCreateView.as_view(), name="composition-create"),
-    path("merges/", views.MergeCreateView.as_view(), name="merge-create"),
+    path("merges/", views.MergeListCreateView.as_view(), name="merge-list"),
     re_path(r"^merges/(?P<merge_id>[0-9a-f]{64})/$", views.MergeDetailView.as_view(), name="merge-detail"),
     re_path(r"^merges/(?P<merge_id>[0-9a-f]{64})/files/(?P<filename>[^/]+)$", views.MergeFileView.as_view(),
             name="merge-file"),

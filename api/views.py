@@ -5,6 +5,7 @@ from django.db import connection
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, status
+from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.parsers import MultiPartParser
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
@@ -200,10 +201,21 @@ class CompositionCreateView(JobRequestView):
     service = compositions.request_composition
 
 
-@extend_schema(request=s.MergeRequestSerializer, responses={202: s.JobSerializer, 200: s.JobSerializer})
-class MergeCreateView(JobRequestView):
+class MergeListCreateView(JobRequestView):
     request_serializer = s.MergeRequestSerializer
     service = compositions.request_merge
+
+    @extend_schema(request=s.MergeRequestSerializer, responses={202: s.JobSerializer, 200: s.JobSerializer})
+    def post(self, request):
+        return super().post(request)
+
+    @extend_schema(responses=s.MergeSummarySerializer(many=True), description=(
+        "The stored merges you made (staff: all), most recently used first, with their size and expiry; "
+        "`limit`/`offset` pages."))
+    def get(self, request):
+        paginator = LimitOffsetPagination()
+        page = paginator.paginate_queryset(selectors.merge_list(request.user), request, view=self)
+        return paginator.get_paginated_response([selectors.merge_summary(checkpoint) for checkpoint in page])
 
 
 @extend_schema(request=s.GenerationRequestSerializer, responses={202: s.JobSerializer})
@@ -232,10 +244,20 @@ class GeneratorListCreateView(APIView):
 
 
 class MergeDetailView(APIView):
+    def get_permissions(self):
+        return [IsAuthenticated()] if self.request.method == "DELETE" else [AllowAny()]
+
     @extend_schema(responses=s.MergedCheckpointSerializer)
     def get(self, request, merge_id):
         checkpoint = selectors.get_merged_checkpoint(request.user, merge_id)
-        return Response(compositions.merged_files_result(checkpoint))
+        return Response({**compositions.merged_files_result(checkpoint), **selectors.merge_retention(checkpoint)})
+
+    @extend_schema(responses={204: None}, description=(
+        "Remove a stored merge now (whoever made it, or staff); its bytes go with the orphan sweep. "
+        "Requesting the same merge again makes it again."))
+    def delete(self, request, merge_id):
+        compositions.delete_merge(user=request.user, checkpoint=selectors.get_merged_checkpoint(request.user, merge_id))
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class MergeFileView(APIView):
@@ -243,6 +265,7 @@ class MergeFileView(APIView):
     def get(self, request, merge_id, filename):
         checkpoint = selectors.get_merged_checkpoint(request.user, merge_id)
         stored = selectors.get_stored_file(checkpoint.files, filename, f"Merge {merge_id}")
+        compositions.mark_merge_used(merge_id, unless_used_within=compositions.MERGE_USE_RESOLUTION)
         return blob_download_response(request, sha256=stored.sha256, size=stored.size, filename=filename)
 
 

@@ -287,6 +287,10 @@ class MergedCheckpoint(models.Model):
     recipe = models.JSONField()
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
+    # A stored merge is a cache: it can always be made again from its recipe. Retention
+    # (hub.services.cleanup.expire_merged_checkpoints) removes the least recently used first.
+    last_used_at = models.DateTimeField(default=timezone.now, db_index=True)
+    size = models.BigIntegerField(default=0)  # bytes of its files, counted once it is stored
 
 
 class MergedFile(StoredFile):

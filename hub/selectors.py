@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.contrib.postgres.expressions import ArraySubquery
 from django.contrib.postgres.search import SearchQuery
 from django.core.cache import cache
@@ -15,6 +16,7 @@ from django.db.models import (BooleanField, Case, CharField, F, OuterRef, Prefet
                               When)
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Concat, JSONObject, NullIf
+from django.urls import reverse
 from knox.models import AuthToken
 
 from generation import generators
@@ -420,13 +422,48 @@ def load_revision_adapter(revision: Revision) -> formats.CanonicalAdapter:
         return formats.parse_adapter(paths)
 
 
+def _merges_visible_to(user, checkpoints: list[MergedCheckpoint]) -> list[MergedCheckpoint]:
+    """Those of `checkpoints` that `user` may see: every adapter that went into it is visible to them."""
+    inputs = {ref["adapter_id"] for checkpoint in checkpoints for ref in checkpoint.recipe["adapters"]}
+    visible = set(visible_adapters(user).filter(id__in=inputs).values_list("id", flat=True))
+    return [checkpoint for checkpoint in checkpoints
+            if all(ref["adapter_id"] in visible for ref in checkpoint.recipe["adapters"])]
+
+
 def get_merged_checkpoint(user, key: str) -> MergedCheckpoint:
     """A stored merge, visible to whoever may see every adapter that went into it."""
-    checkpoint = MergedCheckpoint.objects.select_related("base_model").filter(key=key).first()
-    adapter_ids = {ref["adapter_id"] for ref in checkpoint.recipe["adapters"]} if checkpoint else set()
-    if checkpoint is None or visible_adapters(user).filter(id__in=adapter_ids).count() != len(adapter_ids):
-        raise NotFound("merge_not_found", f"No merge {key}.")
-    return checkpoint
+    found = _merges_visible_to(user, list(MergedCheckpoint.objects.select_related("base_model").filter(key=key)))
+    if not found:
+        raise NotFound("merge_not_found", f"No merge {key}. Stored merges that nobody uses are removed after a "
+                       "while; requesting the same merge makes it again.")
+    return found[0]
+
+
+def merge_list(user) -> list[MergedCheckpoint]:
+    """The stored merges `user` made (staff: all) that they may still see, most recently used first."""
+    merges = MergedCheckpoint.objects.select_related("base_model").order_by("-last_used_at", "-pk")
+    if not user.is_staff:
+        merges = merges.filter(created_by=user)
+    return _merges_visible_to(user, list(merges))
+
+
+def merge_identity(checkpoint: MergedCheckpoint) -> dict:
+    """What names a stored merge and what went into it (JSON: a merge job's result starts with it)."""
+    return {"merge_id": checkpoint.key, "repo_id": f"{MERGES_NAMESPACE}/{checkpoint.key}",
+            "url": reverse("merge-detail", args=[checkpoint.key]), "base_model": checkpoint.base_model.full_name,
+            **merge_recipe(checkpoint)}
+
+
+def merge_summary(checkpoint: MergedCheckpoint) -> dict:
+    """A stored merge without its files: what went in, its size, its uses and its expiry."""
+    return {**merge_identity(checkpoint), **merge_retention(checkpoint)}
+
+
+def merge_retention(checkpoint: MergedCheckpoint) -> dict:
+    """A stored merge's size and uses, and when retention removes it if nobody uses it before."""
+    retention_days = settings.QUIVER_MERGE_RETENTION_DAYS
+    return {"size": checkpoint.size, "created_at": checkpoint.created_at, "last_used_at": checkpoint.last_used_at,
+            "expires_at": checkpoint.last_used_at + timedelta(days=retention_days) if retention_days > 0 else None}
 
 
 def base_model_commit(base: BaseModel) -> str:

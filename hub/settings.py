@@ -123,6 +123,7 @@ CELERY_TASK_ALWAYS_EAGER = False
 CELERY_BEAT_SCHEDULE = {
     "sweep-orphan-blobs": {"task": "workers.tasks.sweep_orphan_blobs", "schedule": 3600.0},
     "sweep-stale-scratch": {"task": "workers.tasks.sweep_stale_scratch", "schedule": 3600.0},
+    "expire-merged-checkpoints": {"task": "workers.tasks.expire_merged_checkpoints", "schedule": 3600.0},
 }
 
 # --- Storage: content-addressed blobs, local by default, S3 when configured ---
@@ -168,6 +169,11 @@ QUIVER_MAX_UPLOAD_BYTES = int(os.environ.get("QUIVER_MAX_UPLOAD_BYTES", 200 * 2*
 QUIVER_MAX_HEADER_BYTES = int(os.environ.get("QUIVER_MAX_HEADER_BYTES", 100 * 2**20))
 # Unreferenced blobs younger than this are left alone (an upload may still be committing its rows).
 QUIVER_ORPHAN_GRACE_SECONDS = int(os.environ.get("QUIVER_ORPHAN_GRACE_SECONDS", 6 * 3600))
+# Stored merges are caches of what their recipe makes again on request, and a 7B one holds 13.5 GB:
+# those unused (not downloaded, not requested again) for this many days are removed (0: kept), and
+# past QUIVER_MERGE_STORAGE_BYTES of them (0: no cap) the least recently used go first.
+QUIVER_MERGE_RETENTION_DAYS = float(os.environ.get("QUIVER_MERGE_RETENTION_DAYS", 30))
+QUIVER_MERGE_STORAGE_BYTES = int(os.environ.get("QUIVER_MERGE_STORAGE_BYTES", 0))
 # Weight-embedding cosine similarity at and above which an upload is flagged as a near-duplicate.
 QUIVER_NEAR_DUPLICATE_SIMILARITY = float(os.environ.get("QUIVER_NEAR_DUPLICATE_SIMILARITY", 0.995))
 

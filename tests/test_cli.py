@@ -169,6 +169,15 @@ def test_compose_merge_and_jobs_follow_background_jobs(live_hub, celery_worker_p
     rc, text, _ = quiver(live_hub, "show", result["repo_id"], json_output=False)
     assert rc == 0 and "model.safetensors" in text
 
+    rc, text, _ = quiver(live_hub, "merges", token=alice_token, json_output=False)
+    assert rc == 0 and text.startswith(result["repo_id"]) and "expires 20" in text
+    rc, refused, _ = quiver(live_hub, "merges", "--delete", result["repo_id"])
+    assert rc == 1 and refused["error"]["code"] == "not_authenticated"
+    rc, deleted, _ = quiver(live_hub, "merges", "--delete", result["repo_id"], token=alice_token)
+    assert rc == 0 and deleted == {"deleted": result["repo_id"]}
+    rc, text, _ = quiver(live_hub, "merges", token=alice_token, json_output=False)
+    assert rc == 0 and text.strip() == "no stored merges"
+
 
 def test_cli_errors_are_clear(live_hub, alice_token, demo_adapter):
     from django.urls import Resolver404, resolve

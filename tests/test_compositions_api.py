@@ -112,3 +112,137 @@ def test_merge_streams_a_checkpoint_that_transformers_loads_and_identical_reques
     Adapter.objects.filter(name="ticket-summarizer").update(visibility="private")
     assert bob.get(merge_url).status_code == 404
     assert bob.get(result["files"][0]["url"]).status_code == 404
+    assert api.get("/api/v1/merges/").json()["count"] == 0  # alice made it, and no longer sees it either
+
+
+def merge_of(api, weight: float) -> dict:
+    """A merge of the demo summarizer at `weight`, made by the real worker: its job's result."""
+    from hub.models import Job
+
+    request = {"base_model": "quiver-demo/tiny-llama",
+               "adapters": [{"id": "quiver-demo/ticket-summarizer", "weight": weight}]}
+    response = api.post("/api/v1/merges/", request, format="json")
+    assert response.status_code in (200, 202), response.json()
+    job = wait_for_job(response.json()["id"])
+    assert job.state == Job.State.SUCCEEDED, job.error
+    return job.result
+
+
+def downloaded(response) -> bool:
+    """Whether a download answered 200 (its stream read to the end, which closes the blob)."""
+    content = b"".join(response.streaming_content) if response.status_code == 200 else b""
+    return response.status_code == 200 and len(content) > 0
+
+
+def used_ago(merge_id: str, **ago) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from hub.models import MergedCheckpoint
+
+    MergedCheckpoint.objects.filter(key=merge_id).update(last_used_at=timezone.now() - timedelta(**ago))
+
+
+def last_used(merge_id: str):
+    from hub.models import MergedCheckpoint
+
+    return MergedCheckpoint.objects.get(key=merge_id).last_used_at
+
+
+def test_unused_merges_expire_with_their_bytes_and_are_made_again_on_request(registry, make_user, client_for):
+    """Stored merges are listed with their size and expiry; a download or an identical request marks
+    one used; the beat task, run by the real worker, removes those unused for the retention period;
+    the orphan sweep then removes their bytes (not the base's), and the same request makes the same
+    bytes again."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from hub.blobs import blob_storage
+    from hub.models import BaseModelFile, Blob, MergedCheckpoint
+    from hub.services.cleanup import sweep_orphan_blobs
+    from workers.tasks import expire_merged_checkpoints
+
+    alice = client_for(make_user("alice"))
+    result = merge_of(alice, 1.0)
+    merge_id, merge_url = result["merge_id"], result["url"]
+    listed = alice.get("/api/v1/merges/").json()
+    assert listed["count"] == 1 and client_for(make_user("bob")).get("/api/v1/merges/").json()["count"] == 0
+    summary = listed["results"][0]
+    assert summary["merge_id"] == merge_id and summary["url"] == merge_url
+    assert summary["size"] == sum(f["size"] for f in result["files"]) > 0
+    detail = alice.get(merge_url).json()
+    assert detail["expires_at"] == summary["expires_at"] and detail["files"] == result["files"]
+    assert MergedCheckpoint.objects.get(key=merge_id).size == summary["size"]
+
+    # Marked used: a download (native, or through the Hub-compatible API) and an identical request.
+    weights_file = next(f for f in result["files"] if f["filename"] == "model.safetensors")
+    uses = {"download": lambda: downloaded(alice.get(weights_file["url"])),
+            "Hub download": lambda: downloaded(alice.get(f"/{result['repo_id']}/resolve/main/model.safetensors")),
+            "identical request": lambda: merge_of(alice, 1.0)["merge_id"] == merge_id}
+    for name, use in uses.items():
+        used_ago(merge_id, days=40)
+        assert use(), name
+        assert timezone.now() - last_used(merge_id) < timedelta(minutes=1), name
+
+    merged_only = {f["sha256"] for f in result["files"]} - set(BaseModelFile.objects.values_list("blob_id", flat=True))
+    assert "model.safetensors" in {f["filename"] for f in result["files"] if f["sha256"] in merged_only}
+    used_ago(merge_id, days=29)
+    assert expire_merged_checkpoints.delay().get(timeout=60) == {"expired": 0, "evicted": 0, "bytes": 0}
+    used_ago(merge_id, days=31)
+    assert expire_merged_checkpoints.delay().get(timeout=60) == {"expired": 1, "evicted": 0, "bytes": summary["size"]}
+    gone = alice.get(merge_url)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "merge_not_found"
+    assert "makes it again" in gone.json()["error"]["message"]
+    assert alice.get(weights_file["url"]).status_code == 404
+
+    Blob.objects.filter(sha256__in=merged_only).update(claimed_at=timezone.now() - timedelta(days=31))
+    assert sweep_orphan_blobs() == len(merged_only)
+    storage = blob_storage()
+    assert not any(storage.exists(Blob(sha256=sha, size=0).storage_key) for sha in merged_only)
+    assert alice.get("/api/v1/base-models/quiver-demo/tiny-llama/files/model.safetensors").status_code == 200
+
+    again = alice.post("/api/v1/merges/", {"base_model": "quiver-demo/tiny-llama", "adapters": [
+        {"id": "quiver-demo/ticket-summarizer", "weight": 1.0}]}, format="json")
+    assert again.status_code == 202  # made again, not reused
+    remade = merge_of(alice, 1.0)
+    assert remade["merge_id"] == merge_id and remade["files"] == result["files"]  # the same bytes
+
+
+def test_past_the_storage_cap_the_least_recently_used_merges_go_and_only_their_maker_may_delete(
+        registry, make_user, client_for, settings):
+    from hub.models import MergedCheckpoint
+    from hub.services.cleanup import expire_merged_checkpoints
+
+    alice, bob = make_user("alice"), make_user("bob")
+    made = {weight: merge_of(client_for(alice), weight)["merge_id"] for weight in (1.0, 0.5, 0.25)}
+    sizes = dict(MergedCheckpoint.objects.values_list("key", "size"))
+    for hours, weight in ((3, 1.0), (5, 0.5), (4, 0.25)):
+        used_ago(made[weight], hours=hours)
+
+    # One byte over the cap: the least recently used (0.5) goes, the others stay.
+    cap = sum(sizes.values()) - 1
+    removed = expire_merged_checkpoints(storage_bytes=cap)
+    assert removed == {"expired": 0, "evicted": 1, "bytes": sizes[made[0.5]]}
+    assert set(MergedCheckpoint.objects.values_list("key", flat=True)) == {made[1.0], made[0.25]}
+    # A merge used within the hour is never evicted, even with a cap it alone exceeds.
+    used_ago(made[1.0], minutes=5)
+    assert expire_merged_checkpoints(storage_bytes=1)["evicted"] == 1
+    assert set(MergedCheckpoint.objects.values_list("key", flat=True)) == {made[1.0]}
+    used_ago(made[1.0], days=400)
+    settings.QUIVER_MERGE_RETENTION_DAYS = 0  # kept however long unused: the listing says so
+    assert client_for(alice).get("/api/v1/merges/").json()["results"][0]["expires_at"] is None
+    assert expire_merged_checkpoints() == {"expired": 0, "evicted": 0, "bytes": 0}
+
+    url = f"/api/v1/merges/{made[1.0]}/"
+    assert client_for(None).delete(url).status_code == 401
+    refused = client_for(bob).delete(url)  # bob may see it, and make it, but not remove it for alice
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "not_creator"
+    assert client_for(alice).delete(url).status_code == 204
+    assert client_for(alice).get(url).status_code == 404
+    assert client_for(alice).delete(url).status_code == 404
+    # Staff may remove anyone's.
+    other = merge_of(client_for(bob), 2.0)["merge_id"]
+    assert client_for(make_user("ops", is_staff=True)).delete(f"/api/v1/merges/{other}/").status_code == 204
+    assert not MergedCheckpoint.objects.exists()

@@ -38,3 +38,9 @@ def sweep_orphan_blobs() -> int:
 def sweep_stale_scratch() -> int:
     """Periodic (beat): remove what killed uploads and merges left in the scratch folder."""
     return cleanup.sweep_stale_scratch()
+
+
+@shared_task(name="workers.tasks.expire_merged_checkpoints")
+def expire_merged_checkpoints() -> dict:
+    """Periodic (beat): remove stored merges past their retention or the storage cap (LRU)."""
+    return cleanup.expire_merged_checkpoints()

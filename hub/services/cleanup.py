@@ -7,6 +7,10 @@ The sweep removes blobs that no row references once their last claim
 (hub.blobs.put_blob) is older than a grace period, so an upload in flight, whose
 rows are not committed yet, is never touched.
 
+Stored merges are caches (their recipe makes them again on request): retention removes those
+unused for QUIVER_MERGE_RETENTION_DAYS, and the least recently used past QUIVER_MERGE_STORAGE_BYTES;
+their blobs then go with the orphan sweep.
+
 The scratch sweep does the same for the scratch folder (QUIVER_UPLOAD_TMP): what a killed process
 left there, e.g. a half-streamed upload or a half-written merged checkpoint.
 """
@@ -21,11 +25,11 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Sum
 from django.utils import timezone
 
 from hub.blobs import blob_storage
-from hub.models import BaseModelFile, Blob, EncoderArtifact, MergedFile, RevisionFile
+from hub.models import BaseModelFile, Blob, EncoderArtifact, MergedCheckpoint, MergedFile, RevisionFile
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,52 @@ def sweep_orphan_blobs(*, grace: timedelta | None = None) -> int:
             removed += 1
     if removed:
         logger.info("removed %d orphan blobs", removed)
+    return removed
+
+
+# Neither the retention period nor the storage cap removes a merge used this recently: whoever just
+# made it, asked for it or started downloading it gets to finish.
+MERGE_RECENT_USE = timedelta(hours=1)
+
+
+def expire_merged_checkpoints(*, retention: timedelta | None = None, storage_bytes: int | None = None) -> dict:
+    """Remove stored merges unused for `retention` (default QUIVER_MERGE_RETENTION_DAYS; 0: none),
+    then, while the stored merges' bytes exceed `storage_bytes` (default QUIVER_MERGE_STORAGE_BYTES;
+    0: no cap), the least recently used. Each goes under its row lock, its last use read again
+    there: a merge used meanwhile (mark_merge_used) stays."""
+    if retention is None:
+        retention = timedelta(days=settings.QUIVER_MERGE_RETENTION_DAYS)
+    storage_bytes = settings.QUIVER_MERGE_STORAGE_BYTES if storage_bytes is None else storage_bytes
+    now = timezone.now()
+    removed = {"expired": 0, "evicted": 0, "bytes": 0}
+
+    def remove(checkpoint_id: int, last_used_at, reason: str) -> int:
+        """The bytes removed: 0 when the merge was used, removed or locked meanwhile."""
+        with transaction.atomic():
+            checkpoint = MergedCheckpoint.objects.select_for_update(skip_locked=True).filter(
+                pk=checkpoint_id, last_used_at=last_used_at).first()
+            if checkpoint is None:
+                return 0
+            checkpoint.delete()
+        removed[reason] += 1
+        removed["bytes"] += checkpoint.size
+        return checkpoint.size
+
+    recent = now - MERGE_RECENT_USE
+    if retention > timedelta(0):
+        cutoff = min(now - retention, recent)
+        for checkpoint_id, last_used_at in MergedCheckpoint.objects.filter(
+                last_used_at__lt=cutoff).values_list("pk", "last_used_at"):
+            remove(checkpoint_id, last_used_at, "expired")
+    if storage_bytes > 0:
+        stored = MergedCheckpoint.objects.aggregate(total=Sum("size"))["total"] or 0
+        oldest_first = MergedCheckpoint.objects.filter(last_used_at__lt=recent).order_by("last_used_at", "pk")
+        for checkpoint_id, last_used_at in oldest_first.values_list("pk", "last_used_at").iterator():
+            if stored <= storage_bytes:
+                break
+            stored -= remove(checkpoint_id, last_used_at, "evicted")
+    if removed["expired"] or removed["evicted"]:
+        logger.info("removed stored merges: %s", removed)
     return removed
 
 

@@ -14,17 +14,19 @@ import math
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 from django.urls import reverse
+from django.utils import timezone
 
 from hub.blobs import blobs_on_disk
-from hub.errors import InvalidInput, NotFound
+from hub.errors import Forbidden, InvalidInput, NotFound
 from hub.models import Adapter, BaseModel, Job, MergedCheckpoint, MergedFile, Revision, Visibility
-from hub.selectors import (MERGES_NAMESPACE, base_model_commit, get_adapter, get_base_model, get_revision,
-                           load_revision_adapter, merge_recipe)
+from hub.selectors import (base_model_commit, get_adapter, get_base_model, get_revision, load_revision_adapter,
+                           merge_identity)
 from hub.services.adapters import adapter_made_by, check_new_adapter, upload_canonical_adapter
 from hub.services.files import IncomingFile, store_blobs
 from hub.services.jobs import JobReporter, enqueue_job
@@ -175,9 +177,7 @@ def merge_key(base: BaseModel, inputs: list[AdapterInput], method: str, params: 
 
 def merged_files_result(checkpoint: MergedCheckpoint) -> dict:
     """A merge's download manifest: pinned to the base model's and every adapter's revision."""
-    return {"merge_id": checkpoint.key, "repo_id": f"{MERGES_NAMESPACE}/{checkpoint.key}",
-            "base_model": checkpoint.base_model.full_name,
-            "base_model_revision": base_model_commit(checkpoint.base_model), **merge_recipe(checkpoint), "files": [
+    return {**merge_identity(checkpoint), "base_model_revision": base_model_commit(checkpoint.base_model), "files": [
         {"filename": f.filename, "size": f.size, "sha256": f.sha256,
          "url": reverse("merge-file", args=[checkpoint.key, f.filename])}
         for f in checkpoint.files.select_related("blob")]}
@@ -199,7 +199,9 @@ def request_merge(*, user, base_model: str, adapters: list[dict], method: str = 
     key = merge_key(base, inputs, method, params, dtype)
     spec = {"key": key, "base_model_id": base.id, "adapters": [i.as_json() for i in inputs], "method": method,
             "params": params, "dtype": dtype}
-    stored = MergedCheckpoint.objects.filter(key=key).first()
+    # Marking it used first: retention re-checks the mark under the row's lock, so a checkpoint found
+    # here is never removed before its requester can download it.
+    stored = MergedCheckpoint.objects.filter(key=key).first() if mark_merge_used(key) else None
     if stored is not None:  # identical request: answer with the stored checkpoint, no work queued
         return Job.objects.create(kind=Job.Kind.MERGE, owner=user, params=spec, state=Job.State.SUCCEEDED,
                                   progress=1.0, message="reused a stored merge", result=merged_files_result(stored))
@@ -210,9 +212,8 @@ def merge_job(job: Job, reporter: JobReporter) -> dict:
     from kernels.streaming_merge import merge_checkpoint
 
     spec = job.params
-    stored = MergedCheckpoint.objects.filter(key=spec["key"]).first()
-    if stored is not None:
-        return merged_files_result(stored)
+    if mark_merge_used(spec["key"]):  # made meanwhile (or by this job's earlier, interrupted run)
+        return merged_files_result(MergedCheckpoint.objects.get(key=spec["key"]))
     base = BaseModel.objects.get(id=spec["base_model_id"])
     inputs = _job_inputs(job)
     reporter.progress(0.02, "reading adapters")
@@ -239,8 +240,35 @@ def merge_job(job: Job, reporter: JobReporter) -> dict:
     with transaction.atomic():
         checkpoint, created = MergedCheckpoint.objects.get_or_create(
             key=spec["key"], defaults={"base_model": base, "created_by": job.owner, "recipe": {
-                "adapters": spec["adapters"], "method": spec["method"], "params": spec["params"], "dtype": spec["dtype"]}})
+                "adapters": spec["adapters"], "method": spec["method"], "params": spec["params"], "dtype": spec["dtype"]},
+                "size": sum(f.size for f in incoming)})
         if created:
             MergedFile.objects.bulk_create(MergedFile(checkpoint=checkpoint, filename=f.name, blob=blobs[f.name])
                                            for f in incoming)
+        else:  # made meanwhile by an identical job: this one's requester uses it now
+            mark_merge_used(checkpoint.key)
     return merged_files_result(checkpoint)
+
+
+# Downloads mark their merge used at most this often: a client reading a checkpoint sends a request
+# per file (and per range), and one UPDATE per 10 minutes is precise enough for retention in days.
+MERGE_USE_RESOLUTION = timedelta(minutes=10)
+
+
+def mark_merge_used(key: str, *, unless_used_within: timedelta | None = None) -> bool:
+    """Record a use of stored merge `key` now (an identical request, a download), unless one was
+    recorded within `unless_used_within`. True when this call recorded it: False also when there
+    is no such merge (any more)."""
+    now = timezone.now()
+    merges = MergedCheckpoint.objects.filter(key=key)
+    if unless_used_within is not None:
+        merges = merges.filter(last_used_at__lt=now - unless_used_within)
+    return bool(merges.update(last_used_at=now))
+
+
+def delete_merge(*, user, checkpoint: MergedCheckpoint) -> None:
+    """Rows go now, the bytes with the orphan sweep. A merge is shared by everyone who asks for the
+    same recipe, so only whoever made it, or staff, may remove it; anyone may make it again."""
+    if checkpoint.created_by_id != user.id and not user.is_staff:
+        raise Forbidden("not_creator", "Only whoever made this merge, or staff, can delete it.")
+    checkpoint.delete()
