@@ -273,14 +273,24 @@ def cmd_generate(client: Client, args) -> tuple[dict, str]:
     return job, f"job {job['id']} {job['state']}" + (f": {result}" if result else "")
 
 
+def _job_line(job: dict) -> str:
+    return f"{job['id']} {job['kind']} {job['state']} {job['progress']:.0%} {job.get('message') or ''}".rstrip()
+
+
 def cmd_jobs(client: Client, args) -> tuple[dict, str]:
+    if args.job_id is None:
+        if args.wait or args.cancel:
+            raise CliError("--wait and --cancel need a job id")
+        params = {"limit": args.limit, "state": args.state, "kind": args.kind}
+        found = client.json("GET", "/api/v1/jobs/", params={k: v for k, v in params.items() if v is not None})
+        return found, "\n".join(f"{job['created_at'][:16]} {_job_line(job)}" for job in found["results"]) or "no jobs"
     if args.cancel:
         job = client.json("POST", f"/api/v1/jobs/{args.job_id}/cancel/")
     else:
         job = client.json("GET", f"/api/v1/jobs/{args.job_id}/")
     if args.wait and not args.cancel:
         job = wait_for_job(client, job, args.timeout)
-    return job, f"{job['id']} {job['kind']} {job['state']} {job['progress']:.0%} {job.get('message') or ''}".rstrip()
+    return job, _job_line(job)
 
 
 def cmd_merges(client: Client, args) -> tuple[dict, str]:
@@ -413,8 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     job_options(command)
     command.set_defaults(run=cmd_generate)
 
-    command = commands.add_parser("jobs", help="a background job's state")
-    command.add_argument("job_id")
+    command = commands.add_parser("jobs", help="a background job's state, or (no id) the jobs you started")
+    command.add_argument("job_id", nargs="?")
+    command.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    command.add_argument("--kind", help="merge, compose, generate, ...")
+    command.add_argument("--limit", type=int, default=20)
     command.add_argument("--wait", action="store_true", help="follow it until it finishes")
     command.add_argument("--cancel", action="store_true", help="cancel it (queued or running)")
     command.add_argument("--timeout", type=float, default=3600)

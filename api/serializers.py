@@ -175,6 +175,11 @@ class JobSerializer(serializers.ModelSerializer):
                   "created_at", "started_at", "finished_at"]
 
 
+class JobFilterSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(choices=Job.State.choices, required=False)
+    kind = serializers.ChoiceField(choices=Job.Kind.choices, required=False)
+
+
 class HealthSerializer(serializers.Serializer):
     status = serializers.CharField()
     database = serializers.CharField()

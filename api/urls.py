@@ -26,6 +26,7 @@ urlpatterns = [
             name="merge-file"),
     path("generations/", views.GenerationCreateView.as_view(), name="generation-create"),
     path("generators/", views.GeneratorListCreateView.as_view(), name="generator-list"),
+    path("jobs/", views.JobListView.as_view(), name="job-list"),
     path("jobs/<uuid:job_id>/", views.JobDetailView.as_view(), name="job-detail"),
     path("jobs/<uuid:job_id>/cancel/", views.JobCancelView.as_view(), name="job-cancel"),
     path("health", views.HealthView.as_view(), name="health"),

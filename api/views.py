@@ -299,6 +299,19 @@ class BaseModelFileView(APIView):
         return blob_download_response(request, sha256=stored.sha256, size=stored.size, filename=filename)
 
 
+class JobListView(generics.GenericAPIView):
+    permission_classes = [IsAuthenticated]
+    serializer_class = s.JobSerializer
+
+    @extend_schema(parameters=[s.JobFilterSerializer], responses=s.JobSerializer(many=True), description=(
+        "The jobs you started, newest first; filters `state` and `kind`; `limit`/`offset` pages."))
+    def get(self, request):
+        filters = s.JobFilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        page = self.paginate_queryset(selectors.job_list(request.user, **filters.validated_data))
+        return self.get_paginated_response(s.JobSerializer(page, many=True).data)
+
+
 class JobDetailView(APIView):
     permission_classes = [IsAuthenticated]
 

@@ -16,6 +16,7 @@ urlpatterns = [
     path("compose/", views.compose, name="compose"),
     path("merge/", views.merge, name="merge"),
     path("generate/", views.generate, name="generate"),
+    path("jobs/", views.job_list, name="jobs"),
     path("jobs/<uuid:job_id>/", views.job_detail, name="job"),
     path("account/tokens/", views.api_tokens, name="tokens"),
     path("account/sign-in/", auth_views.LoginView.as_view(template_name="frontend/sign_in.html"), name="sign-in"),

@@ -171,6 +171,14 @@ def generate(request):
 
 
 @login_required
+@require_GET
+def job_list(request):
+    state = request.GET.get("state") if request.GET.get("state") in Job.State.values else None
+    page = Paginator(selectors.job_list(request.user, state=state), PAGE_SIZE).get_page(request.GET.get("page"))
+    return render(request, "frontend/jobs.html", {"page": page, "state": state, "states": Job.State.choices})
+
+
+@login_required
 @require_http_methods(["GET", "POST"])
 @not_found_as_404
 def job_detail(request, job_id):
@@ -183,7 +191,10 @@ def job_detail(request, job_id):
         return redirect("frontend:job", job_id)
     job = selectors.get_job(request.user, job_id)
     finished = job.state in Job.FINISHED_STATES
-    return render(request, "frontend/job.html", {"job": job, "finished": finished})
+    merge_id = (job.result or {}).get("merge_id") if job.kind == Job.Kind.MERGE else None
+    stored = selectors.find_merged_checkpoint(request.user, merge_id) if merge_id else None
+    return render(request, "frontend/job.html", {"job": job, "finished": finished, "merge_id": merge_id,
+                                                 "stored_merge": selectors.merge_retention(stored) if stored else None})
 
 
 @login_required

@@ -408,6 +408,16 @@ def visible_jobs(user) -> QuerySet[Job]:
     return Job.objects.filter(owner=user)
 
 
+def job_list(user, *, state: str | None = None, kind: str | None = None) -> QuerySet[Job]:
+    """The jobs `user` started, newest first (staff too: theirs; a job's page is open to staff)."""
+    jobs = Job.objects.filter(owner=user).order_by("-created_at", "-pk") if user.is_authenticated else Job.objects.none()
+    if state:
+        jobs = jobs.filter(state=state)
+    if kind:
+        jobs = jobs.filter(kind=kind)
+    return jobs
+
+
 def get_job(user, job_id) -> Job:
     found = visible_jobs(user).filter(id=job_id).first()
     if found is None:
@@ -437,6 +447,14 @@ def get_merged_checkpoint(user, key: str) -> MergedCheckpoint:
         raise NotFound("merge_not_found", f"No merge {key}. Stored merges that nobody uses are removed after a "
                        "while; requesting the same merge makes it again.")
     return found[0]
+
+
+def find_merged_checkpoint(user, key: str) -> MergedCheckpoint | None:
+    """get_merged_checkpoint, or None where it answers 404 (e.g. a merge removed by retention)."""
+    try:
+        return get_merged_checkpoint(user, key)
+    except NotFound:
+        return None
 
 
 def merge_list(user) -> list[MergedCheckpoint]:

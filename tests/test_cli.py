@@ -153,6 +153,8 @@ def test_compose_merge_and_jobs_follow_background_jobs(live_hub, celery_worker_p
         assert sha256_file(tmp_path / "merged" / listed["filename"]) == listed["sha256"]
     assert json.loads((tmp_path / "merged" / "quiver-manifest.json").read_text())["repo_id"] == result["repo_id"]
 
+    rc, listed, _ = quiver(live_hub, "jobs", "--kind", "merge", token=alice_token)
+    assert rc == 0 and [job["id"] for job in listed["results"]] == [merged["id"]]
     rc, job, _ = quiver(live_hub, "jobs", merged["id"], "--wait", token=alice_token)
     assert rc == 0 and job["state"] == "succeeded" and job["progress"] == 1.0
     rc, refused, _ = quiver(live_hub, "jobs", merged["id"], "--cancel", token=alice_token)

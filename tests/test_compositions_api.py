@@ -150,7 +150,7 @@ def last_used(merge_id: str):
     return MergedCheckpoint.objects.get(key=merge_id).last_used_at
 
 
-def test_unused_merges_expire_with_their_bytes_and_are_made_again_on_request(registry, make_user, client_for):
+def test_unused_merges_expire_with_their_bytes_and_are_made_again_on_request(registry, make_user, client_for, client):
     """Stored merges are listed with their size and expiry; a download or an identical request marks
     one used; the beat task, run by the real worker, removes those unused for the retention period;
     the orphan sweep then removes their bytes (not the base's), and the same request makes the same
@@ -160,13 +160,17 @@ def test_unused_merges_expire_with_their_bytes_and_are_made_again_on_request(reg
     from django.utils import timezone
 
     from hub.blobs import blob_storage
-    from hub.models import BaseModelFile, Blob, MergedCheckpoint
+    from hub.models import BaseModelFile, Blob, Job, MergedCheckpoint
     from hub.services.cleanup import sweep_orphan_blobs
     from workers.tasks import expire_merged_checkpoints
 
-    alice = client_for(make_user("alice"))
+    user = make_user("alice")
+    alice = client_for(user)
     result = merge_of(alice, 1.0)
     merge_id, merge_url = result["merge_id"], result["url"]
+    client.force_login(user)
+    job_page = f"/jobs/{Job.objects.get(kind=Job.Kind.MERGE).id}/"
+    assert "it is kept until" in client.get(job_page).content.decode()
     listed = alice.get("/api/v1/merges/").json()
     assert listed["count"] == 1 and client_for(make_user("bob")).get("/api/v1/merges/").json()["count"] == 0
     summary = listed["results"][0]
@@ -196,6 +200,8 @@ def test_unused_merges_expire_with_their_bytes_and_are_made_again_on_request(reg
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "merge_not_found"
     assert "makes it again" in gone.json()["error"]["message"]
     assert alice.get(weights_file["url"]).status_code == 404
+    page = client.get(job_page).content.decode()
+    assert 'id="merge-removed"' in page and weights_file["url"] not in page
 
     Blob.objects.filter(sha256__in=merged_only).update(claimed_at=timezone.now() - timedelta(days=31))
     assert sweep_orphan_blobs() == len(merged_only)

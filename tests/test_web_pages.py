@@ -119,6 +119,26 @@ def test_a_job_page_cancels_its_job_and_then_says_so(client, make_user):
     assert "has already ended (cancelled); there is nothing to cancel" in again
 
 
+def test_the_jobs_page_lists_your_jobs_with_links_and_filters_by_state(client, make_user):
+    from hub.models import Job
+
+    alice = make_user("alice")
+    done = Job.objects.create(kind=Job.Kind.MERGE, owner=alice, state=Job.State.SUCCEEDED, progress=1.0,
+                              message="reused a stored merge")
+    queued = Job.objects.create(kind=Job.Kind.GENERATE, owner=alice)
+    others = Job.objects.create(kind=Job.Kind.COMPOSE, owner=make_user("bob"))
+    assert client.get("/jobs/").status_code == 302  # sign in first
+    client.force_login(alice)
+    page = client.get("/jobs/").content.decode()
+    assert 'href="/jobs/"' in page  # in the navigation
+    assert page.index(f'href="/jobs/{queued.id}/"') < page.index(f'href="/jobs/{done.id}/"')  # newest first
+    assert str(others.id) not in page and "reused a stored merge" in page
+    succeeded = client.get("/jobs/?state=succeeded").content.decode()
+    assert f"/jobs/{done.id}/" in succeeded and f"/jobs/{queued.id}/" not in succeeded
+    assert "No failed jobs." in client.get("/jobs/?state=failed").content.decode()
+    assert f"/jobs/{queued.id}/" in client.get("/jobs/?state=nonsense").content.decode()  # an unknown state: no filter
+
+
 def test_model_cards_render_markdown_but_never_raw_html_or_script_links():
     from frontend.templatetags.quiver import markdown
 

@@ -119,3 +119,24 @@ def test_cancelling_a_job_stops_it_before_it_starts_or_at_its_next_progress_repo
 
     failing = Job.objects.create(kind=Job.Kind.COMPOSE, owner=alice)
     assert run_job(str(failing.id), fails_after_the_cancel).state == Job.State.CANCELLED
+
+
+def test_the_jobs_list_shows_only_your_jobs_newest_first_and_refuses_unknown_filters(make_user, client_for):
+    from hub.models import Job
+
+    alice, bob = make_user("alice"), make_user("bob")
+    merge = Job.objects.create(kind=Job.Kind.MERGE, owner=alice, state=Job.State.SUCCEEDED, progress=1.0)
+    compose = Job.objects.create(kind=Job.Kind.COMPOSE, owner=alice)
+    Job.objects.create(kind=Job.Kind.MERGE, owner=bob)
+    api = client_for(alice)
+
+    listed = api.get("/api/v1/jobs/").json()
+    assert listed["count"] == 2 and [job["id"] for job in listed["results"]] == [str(compose.id), str(merge.id)]
+    assert [job["id"] for job in api.get("/api/v1/jobs/?state=succeeded").json()["results"]] == [str(merge.id)]
+    assert [job["id"] for job in api.get("/api/v1/jobs/?kind=compose").json()["results"]] == [str(compose.id)]
+    assert api.get("/api/v1/jobs/?limit=1").json()["results"][0]["id"] == str(compose.id)
+    for bad in ("state=done", "kind=teleport"):
+        refused = api.get(f"/api/v1/jobs/?{bad}")
+        assert refused.status_code == 400 and bad.split("=")[0] in refused.json()["error"]["fields"], refused.json()
+    assert client_for(None).get("/api/v1/jobs/").status_code == 401
+    assert client_for(make_user("ops", is_staff=True)).get("/api/v1/jobs/").json()["count"] == 0  # theirs only
