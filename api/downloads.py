@@ -1,11 +1,12 @@
-"""File downloads with ETag (= sha256), conditional GET and single-range requests."""
+"""File downloads with ETag (= sha256), conditional GET and single-range requests; on S3, a
+redirect to a presigned URL once the request is authorised (hub.blobs.blob_download_url)."""
 from __future__ import annotations
 
 import re
 
 from django.http import HttpResponse, StreamingHttpResponse
 
-from hub.blobs import iter_blob_range
+from hub.blobs import blob_download_url, iter_blob_range
 
 RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -38,6 +39,11 @@ def blob_download_response(request, *, sha256: str, size: int, filename: str, ex
     }
     if etag in request.headers.get("If-None-Match", ""):
         return HttpResponse(status=304, headers=headers)
+    # The client sends its Range again to the Location. A 302 keeps this response's headers: Hub
+    # clients read the file's sha256 and size from X-Linked-Etag / X-Linked-Size on it, as on huggingface.co.
+    location = blob_download_url(sha256, filename) if size else None
+    if location:
+        return HttpResponse(status=302, headers={**headers, "Location": location})
     byte_range = _byte_range(request.headers.get("Range"), size)
     if request.headers.get("If-Range") and request.headers["If-Range"] != etag:
         byte_range = None

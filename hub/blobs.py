@@ -9,6 +9,7 @@ only once its upload completes.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from django.core.files import File
 from django.core.files.storage import storages
 from django.db import transaction
 from django.utils import timezone
+from storages.backends.s3 import S3Storage
 
 from hub.models import Blob, blob_key
 
@@ -33,6 +35,27 @@ READ_CHUNK = 1 * 2**20
 
 def blob_storage():
     return storages["blobs"]
+
+
+def blob_download_url(sha256: str, filename: str) -> str | None:
+    """A presigned URL from which a client fetches the blob's bytes straight from S3 (valid for
+    QUIVER_S3_REDIRECT_SECONDS, signed for QUIVER_S3_PUBLIC_ENDPOINT_URL when set; the response
+    names the file), or None where downloads stream through the hub (local storage, redirects off)."""
+    storage = blob_storage()
+    if not settings.QUIVER_S3_DOWNLOAD_REDIRECTS or not isinstance(storage, S3Storage):
+        return None
+    if settings.QUIVER_S3_PUBLIC_ENDPOINT_URL:
+        storage = _signing_storage(settings.QUIVER_S3_PUBLIC_ENDPOINT_URL,
+                                   json.dumps(settings.STORAGES["blobs"]["OPTIONS"], sort_keys=True))
+    return storage.url(blob_key(sha256), expire=settings.QUIVER_S3_REDIRECT_SECONDS,
+                       parameters={"ResponseContentDisposition": f'attachment; filename="{filename}"'})
+
+
+@functools.lru_cache(maxsize=4)
+def _signing_storage(public_endpoint: str, options: str) -> S3Storage:
+    """The blob storage as clients address it: a signature covers the endpoint's host. Kept, as its
+    boto3 client costs milliseconds to make, and signing is local (no request to S3)."""
+    return S3Storage(**{**json.loads(options), "endpoint_url": public_endpoint})
 
 
 def put_blob(path: Path, sha256: str, size: int, *, move: bool = False) -> Blob:

@@ -140,6 +140,7 @@ if S3_BUCKET:
             "region_name": os.environ.get("QUIVER_S3_REGION", "us-east-1"),
             "file_overwrite": True,  # content-addressed: same key, same bytes
             "default_acl": None,
+            "signature_version": "s3v4",  # presigned download URLs: SigV2 is refused by newer regions
         },
     }
 else:
@@ -152,6 +153,17 @@ STORAGES = {
     "blobs": BLOB_STORAGE,
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
+# Downloads from S3 answer with a redirect to a short-lived presigned URL (after the hub has
+# authorised the request), so a multi-GB transfer never holds a web worker. The URL must be one
+# clients can reach: on by default for AWS S3 (no endpoint URL) or when QUIVER_S3_PUBLIC_ENDPOINT_URL
+# names the endpoint as clients see it (an internal MinIO address is not); `1` / `0` force it.
+QUIVER_S3_PUBLIC_ENDPOINT_URL = os.environ.get("QUIVER_S3_PUBLIC_ENDPOINT_URL") or None
+_download_redirects = os.environ.get("QUIVER_S3_DOWNLOAD_REDIRECTS", "auto")
+if _download_redirects not in ("auto", "1", "0"):
+    raise RuntimeError(f"QUIVER_S3_DOWNLOAD_REDIRECTS must be auto, 1 or 0, not {_download_redirects!r}")
+QUIVER_S3_DOWNLOAD_REDIRECTS = bool(S3_BUCKET) and (_download_redirects == "1" or _download_redirects == "auto" and bool(
+    QUIVER_S3_PUBLIC_ENDPOINT_URL or not os.environ.get("QUIVER_S3_ENDPOINT_URL")))
+QUIVER_S3_REDIRECT_SECONDS = int(os.environ.get("QUIVER_S3_REDIRECT_SECONDS", 900))
 # Worker-local cache of blobs read from remote (S3) storage, least recently used evicted first
 # (hub.blobs._cached_blob): merges read whole base models, and most use one of a few bases.
 QUIVER_BLOB_CACHE_DIR = Path(os.environ.get("QUIVER_BLOB_CACHE_DIR", VAR_DIR / "blob-cache"))

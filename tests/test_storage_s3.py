@@ -33,7 +33,8 @@ def s3_storage(s3_server, settings, tmp_path):
     storage = {
         "BACKEND": "storages.backends.s3.S3Storage",
         "OPTIONS": {"bucket_name": "quiver-test", "endpoint_url": s3_server, "access_key": "test",
-                    "secret_key": "test", "region_name": "us-east-1", "file_overwrite": True, "default_acl": None},
+                    "secret_key": "test", "region_name": "us-east-1", "file_overwrite": True, "default_acl": None,
+                    "signature_version": "s3v4"},
     }
     with override_settings(STORAGES={**settings.STORAGES, "blobs": storage}):
         yield s3_server
@@ -175,3 +176,85 @@ def test_jobs_that_need_one_uncached_blob_at_once_download_it_once(s3_storage, s
         thread.join()
     assert read == [True] * 4
     assert len(downloads) == 1  # the others waited on its stripe lock, then found it cached
+
+
+def _redirected(response, endpoint: str) -> str:
+    """The presigned URL a download answered with: the file's object in the bucket at `endpoint`."""
+    assert response.status_code == 302, getattr(response, "content", b"")[:300]
+    location = response["Location"] if hasattr(response, "__getitem__") else response.headers["Location"]
+    assert location.startswith(f"{endpoint}/quiver-test/sha256/") and "X-Amz-Signature=" in location, location
+    return location
+
+
+@pytest.mark.django_db
+def test_downloads_on_s3_redirect_to_a_presigned_url_once_authorised(s3_storage, settings, demo_bases, demo_adapter,
+                                                                    make_user, client_for):
+    """With redirects on, the hub authorises a download and answers 302 to a short-lived URL of the
+    object, so the bytes never pass through a web worker: Range goes to S3, the file keeps its name,
+    outsiders get the same 404 as before, the URL is signed for the endpoint clients use, and it expires."""
+    from urllib.parse import parse_qs, urlsplit
+
+    import requests
+
+    from tests.conftest import upload_payload
+
+    settings.QUIVER_S3_DOWNLOAD_REDIRECTS = True
+    entry = demo_adapter("ticket-summarizer")
+    api = client_for(make_user("alice"))
+    response = api.post("/api/v1/adapters/", upload_payload(entry, visibility="private"), format="multipart")
+    assert response.status_code == 201, response.json()
+    sha256 = {f["filename"]: f for f in response.json()["files"]}["adapter_model.safetensors"]["sha256"]
+    weights = Path(entry["files"][1]).read_bytes()
+    url = "/api/v1/adapters/alice/ticket-summarizer/files/adapter_model.safetensors"
+
+    answer = api.get(url)
+    fetched = requests.get(_redirected(answer, s3_storage), timeout=30)
+    assert answer["ETag"] == f'"{sha256}"'  # the hub's answer still names the content
+    assert fetched.status_code == 200 and fetched.content == weights
+    assert 'filename="adapter_model.safetensors"' in fetched.headers["Content-Disposition"]
+    ranged = api.get(url, HTTP_RANGE="bytes=100-4195")
+    part = requests.get(_redirected(ranged, s3_storage), headers={"Range": "bytes=100-4195"}, timeout=30)
+    assert part.status_code == 206 and part.content == weights[100:4196]
+    assert api.get(url, HTTP_IF_NONE_MATCH=f'"{sha256}"').status_code == 304  # answered by the hub
+    for outsider in (client_for(None), client_for(make_user("bob"))):
+        refused = outsider.get(url)
+        assert refused.status_code == 404 and not refused.has_header("Location")
+
+    public = s3_storage.replace("127.0.0.1", "localhost")  # the endpoint as clients reach it
+    settings.QUIVER_S3_PUBLIC_ENDPOINT_URL = public
+    assert requests.get(_redirected(api.get(url), public), timeout=30).content == weights
+    # moto checks neither signatures nor expiry (S3 does): the lifetime is checked where it is set.
+    settings.QUIVER_S3_REDIRECT_SECONDS = 60
+    signed = parse_qs(urlsplit(_redirected(api.get(url), public)).query)
+    assert signed["X-Amz-Expires"] == ["60"] and signed["X-Amz-SignedHeaders"] == ["host"]
+
+    settings.QUIVER_S3_DOWNLOAD_REDIRECTS = False  # streamed through the hub, as with local storage
+    assert b"".join(api.get(url).streaming_content) == weights
+
+
+@pytest.mark.django_db(transaction=True)
+def test_hub_clients_follow_the_redirect_with_the_linked_etag_and_size(s3_storage, settings, live_hub, tmp_path):
+    """huggingface_hub, in its own process, reads X-Linked-Etag / X-Linked-Size from the 302 (as from
+    huggingface.co's redirect to its CDN), then fetches the bytes from S3 without the hub."""
+    import requests
+
+    from tests.test_hf_compat import run_hf_client
+
+    settings.QUIVER_S3_DOWNLOAD_REDIRECTS = True
+    api = requests.get(f"{live_hub}/api/v1/adapters/quiver-demo/ticket-summarizer/", timeout=30).json()
+    listed = {f["filename"]: f for f in api["files"]}["adapter_model.safetensors"]
+    head = requests.head(f"{live_hub}/quiver-demo/ticket-summarizer/resolve/main/adapter_model.safetensors",
+                         timeout=30)
+    _redirected(head, s3_storage)
+    assert head.headers["X-Linked-Etag"] == f'"{listed["sha256"]}"'
+    assert int(head.headers["X-Linked-Size"]) == listed["size"] and head.headers["X-Repo-Commit"]
+
+    out = run_hf_client("""
+        from huggingface_hub import hf_hub_download, snapshot_download
+        path = hf_hub_download("quiver-demo/ticket-summarizer", "adapter_model.safetensors", cache_dir=args["cache"])
+        folder = snapshot_download("quiver-demo/ticket-summarizer", cache_dir=args["cache"] + "/snapshot")
+        digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()
+        print(json.dumps({"file": digest(path), "snapshot": sorted(p.name for p in Path(folder).iterdir())}))
+    """, live_hub, tmp_path, {"cache": str(tmp_path / "cache")})
+    assert out["file"] == listed["sha256"]
+    assert out["snapshot"] == sorted(f["filename"] for f in api["files"])
