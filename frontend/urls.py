@@ -15,6 +15,7 @@ urlpatterns = [
     path("upload/", views.upload, name="upload"),
     path("compose/", views.compose, name="compose"),
     path("merge/", views.merge, name="merge"),
+    path("merges/<str:merge_id>/delete/", views.merge_delete, name="merge-delete"),
     path("generate/", views.generate, name="generate"),
     path("jobs/", views.job_list, name="jobs"),
     path("jobs/<uuid:job_id>/", views.job_detail, name="job"),

@@ -9,7 +9,8 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET, require_http_methods
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from frontend.forms import ComposeForm, GenerateForm, MergeForm, SearchForm, UploadForm
 from hub import search, selectors
@@ -21,6 +22,7 @@ from hub.services.adapters import upload_adapter
 from hub.services.files import incoming_uploads
 
 PAGE_SIZE = 20
+STORED_MERGES_SHOWN = 50  # the rest through GET /api/v1/merges/ (paged)
 SEARCH_DEPTH = 100  # a semantic search ranks this many adapters; pages are cut from them
 SIMILAR_COUNT = 5
 
@@ -112,7 +114,7 @@ def upload(request):
     return render(request, "frontend/upload.html", {"form": form}, status=400 if form.errors else 200)
 
 
-def _adapter_picks_page(request, form_class, template: str, request_job):
+def _adapter_picks_page(request, form_class, template: str, request_job, extra: dict | None = None):
     """Compose and merge: a form of adapters, weights and a method that starts a job."""
     if request.method == "POST":
         form = form_class(request.POST)
@@ -127,8 +129,8 @@ def _adapter_picks_page(request, form_class, template: str, request_job):
         picked = request.GET.getlist("adapters")
         form = form_class(initial_adapters=picked, rows=2, initial={"base_model": _base_model_of(request.user, picked)})
     invalid = request.method == "POST"
-    return render(request, template, {"form": form, "adapter_names": selectors.adapter_names(request.user)},
-                  status=400 if invalid else 200)
+    return render(request, template, {"form": form, "adapter_names": selectors.adapter_names(request.user),
+                                      **(extra or {})}, status=400 if invalid else 200)
 
 
 def _base_model_of(user, picked: list[str]) -> str:
@@ -150,7 +152,26 @@ def compose(request):
 @login_required
 @require_http_methods(["GET", "POST"])
 def merge(request):
-    return _adapter_picks_page(request, MergeForm, "frontend/merge.html", compositions.request_merge)
+    """The merge form, and below it the stored merges the user made, with their files and expiry."""
+    stored = [(checkpoint, selectors.merge_retention(checkpoint))
+              for checkpoint in selectors.merge_list(request.user)[:STORED_MERGES_SHOWN]]
+    return _adapter_picks_page(request, MergeForm, "frontend/merge.html", compositions.request_merge,
+                               extra={"stored_merges": stored})
+
+
+@login_required
+@require_POST
+@not_found_as_404
+def merge_delete(request, merge_id):
+    checkpoint = selectors.get_merged_checkpoint(request.user, merge_id)
+    try:
+        compositions.delete_merge(user=request.user, checkpoint=checkpoint)
+    except QuiverError as error:
+        messages.error(request, error.message)
+    else:
+        messages.success(request, f"The merge of {checkpoint.base_model.full_name} was removed; merging the same "
+                                  "adapters again makes it again.")
+    return redirect(reverse("frontend:merge") + "#stored-merges")
 
 
 @login_required

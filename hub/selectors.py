@@ -459,7 +459,8 @@ def find_merged_checkpoint(user, key: str) -> MergedCheckpoint | None:
 
 def merge_list(user) -> list[MergedCheckpoint]:
     """The stored merges `user` made (staff: all) that they may still see, most recently used first."""
-    merges = MergedCheckpoint.objects.select_related("base_model").order_by("-last_used_at", "-pk")
+    merges = (MergedCheckpoint.objects.select_related("base_model").prefetch_related("files__blob")
+              .order_by("-last_used_at", "-pk"))
     if not user.is_staff:
         merges = merges.filter(created_by=user)
     return _merges_visible_to(user, list(merges))

@@ -252,3 +252,33 @@ def test_past_the_storage_cap_the_least_recently_used_merges_go_and_only_their_m
     other = merge_of(client_for(bob), 2.0)["merge_id"]
     assert client_for(make_user("ops", is_staff=True)).delete(f"/api/v1/merges/{other}/").status_code == 204
     assert not MergedCheckpoint.objects.exists()
+
+
+def test_the_merge_page_lists_your_stored_merges_and_removes_them(registry, make_user, client_for, client):
+    from django.utils import timezone
+
+    from hub.models import MergedCheckpoint
+
+    alice, bob = make_user("alice"), make_user("bob")
+    result = merge_of(client_for(alice), 1.0)
+    short = f"merges/{result['merge_id'][:12]}"
+    client.force_login(alice)
+    page = client.get("/merge/").content.decode()
+    assert short in page and "quiver-demo/ticket-summarizer@1 × 1.0" in page
+    assert all(f'href="{f["url"]}"' in page for f in result["files"])
+    kept_until = MergedCheckpoint.objects.get(key=result["merge_id"]).last_used_at + timezone.timedelta(days=30)
+    assert kept_until.strftime("%Y-%m-%d") in page
+
+    client.force_login(bob)  # bob may make the same merge, but it is not his to remove
+    assert "You have no stored merges." in client.get("/merge/").content.decode()
+    refused = client.post(f"/merges/{result['merge_id']}/delete/", follow=True).content.decode()
+    assert "Only whoever made this merge, or staff, can delete it." in refused
+    assert MergedCheckpoint.objects.filter(key=result["merge_id"]).exists()
+
+    client.force_login(alice)
+    removed = client.post(f"/merges/{result['merge_id']}/delete/", follow=True)
+    assert removed.redirect_chain == [("/merge/#stored-merges", 302)]
+    page = removed.content.decode()
+    assert "was removed; merging the same adapters again makes it again" in page and short not in page
+    assert not MergedCheckpoint.objects.exists()
+    assert client.post(f"/merges/{result['merge_id']}/delete/").status_code == 404
