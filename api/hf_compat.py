@@ -21,8 +21,8 @@ from rest_framework.views import APIView
 from api.downloads import blob_download_response
 from api.exceptions import error_body, json_exception_handler
 from hub import selectors
-from hub.services import compositions
 from hub.errors import NotFound
+from hub.services import compositions
 
 # hub.errors codes → the X-Error-Code values huggingface_hub maps to its exceptions
 # (RevisionNotFoundError, EntryNotFoundError); every other NotFound is RepoNotFound.
