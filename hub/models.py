@@ -337,3 +337,11 @@ class Job(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [
+            # Every upload adds jobs, so /metrics (scraped every few seconds) must not read them all:
+            # the backlog reads the few unfinished ones, the last hour's ends a range of finished_at.
+            models.Index(fields=["kind", "created_at"], condition=models.Q(state__in=["queued", "running"]),
+                         name="job_unfinished"),
+            models.Index(fields=["finished_at"], name="job_finished_at"),
+            models.Index(fields=["owner", "-created_at"], name="job_owner_newest"),  # a user's jobs list
+        ]

@@ -12,10 +12,10 @@ from django.contrib.postgres.expressions import ArraySubquery
 from django.contrib.postgres.search import SearchQuery
 from django.core.cache import cache
 from django.db import connection
-from django.db.models import (BooleanField, Case, CharField, F, OuterRef, Prefetch, Q, QuerySet, Subquery, Value,
-                              When)
+from django.db.models import (BooleanField, Case, CharField, Count, F, Min, OuterRef, Prefetch, Q, QuerySet, Subquery,
+                              Sum, Value, When)
 from django.db.models.expressions import RawSQL
-from django.db.models.functions import Concat, JSONObject, NullIf
+from django.db.models.functions import Coalesce, Concat, JSONObject, NullIf
 from django.urls import reverse
 from knox.models import AuthToken
 
@@ -416,6 +416,23 @@ def job_list(user, *, state: str | None = None, kind: str | None = None) -> Quer
     if kind:
         jobs = jobs.filter(kind=kind)
     return jobs
+
+
+def job_backlog() -> QuerySet:
+    """Unfinished jobs per kind and state, with the oldest one's creation (an index of its own)."""
+    return (Job.objects.filter(state__in=(Job.State.QUEUED, Job.State.RUNNING)).values("kind", "state")
+            .annotate(count=Count("id"), oldest=Min("created_at")).order_by("kind", "state"))
+
+
+def jobs_finished_since(since: datetime) -> QuerySet:
+    """Jobs that ended after `since`, per kind and state (succeeded, failed, cancelled)."""
+    return (Job.objects.filter(finished_at__gt=since).values("kind", "state").annotate(count=Count("id"))
+            .order_by("kind", "state"))
+
+
+def merge_storage() -> dict:
+    """How many merges are stored, and their bytes."""
+    return MergedCheckpoint.objects.aggregate(count=Count("id"), bytes=Coalesce(Sum("size"), 0))
 
 
 def get_job(user, job_id) -> Job:

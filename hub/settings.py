@@ -186,6 +186,10 @@ QUIVER_ORPHAN_GRACE_SECONDS = int(os.environ.get("QUIVER_ORPHAN_GRACE_SECONDS", 
 # past QUIVER_MERGE_STORAGE_BYTES of them (0: no cap) the least recently used go first.
 QUIVER_MERGE_RETENTION_DAYS = float(os.environ.get("QUIVER_MERGE_RETENTION_DAYS", 30))
 QUIVER_MERGE_STORAGE_BYTES = int(os.environ.get("QUIVER_MERGE_STORAGE_BYTES", 0))
+# /metrics (api/metrics.py) answers scrapes that send this bearer token; without one, it is served
+# only on a developer machine (the embedded servers), as it counts every user's jobs.
+QUIVER_METRICS_TOKEN = os.environ.get("QUIVER_METRICS_TOKEN") or None
+QUIVER_METRICS_OPEN = bool(os.environ.get("QUIVER_EMBEDDED"))
 # Weight-embedding cosine similarity at and above which an upload is flagged as a near-duplicate.
 QUIVER_NEAR_DUPLICATE_SIMILARITY = float(os.environ.get("QUIVER_NEAR_DUPLICATE_SIMILARITY", 0.995))
 

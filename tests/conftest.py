@@ -149,7 +149,7 @@ def wait_for_job(job_id, *, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = Job.objects.get(id=job_id)
-        if job.state in (Job.State.SUCCEEDED, Job.State.FAILED):
+        if job.state in Job.FINISHED_STATES:
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} still {job.state} after {timeout}s")
