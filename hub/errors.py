@@ -33,6 +33,10 @@ class TooLarge(QuiverError):
     status_code = 413
 
 
+class TooManyJobs(QuiverError):
+    status_code = 429
+
+
 def is_backend_outage(error: BaseException) -> bool:
     """True for errors that mean PostgreSQL or Redis is unreachable (down, restarting, refusing
     connections): the request may succeed when retried, so it is answered 503, not 500."""

@@ -186,6 +186,9 @@ QUIVER_ORPHAN_GRACE_SECONDS = int(os.environ.get("QUIVER_ORPHAN_GRACE_SECONDS", 
 # past QUIVER_MERGE_STORAGE_BYTES of them (0: no cap) the least recently used go first.
 QUIVER_MERGE_RETENTION_DAYS = float(os.environ.get("QUIVER_MERGE_RETENTION_DAYS", 30))
 QUIVER_MERGE_STORAGE_BYTES = int(os.environ.get("QUIVER_MERGE_STORAGE_BYTES", 0))
+# At most this many of a user's own jobs (compose, merge, generate, generator training) queued or
+# running at once; more are refused with 429 `too_many_jobs`. Staff, and 0, have no limit.
+QUIVER_MAX_ACTIVE_JOBS_PER_USER = int(os.environ.get("QUIVER_MAX_ACTIVE_JOBS_PER_USER", 8))
 # /metrics (api/metrics.py) answers scrapes that send this bearer token; without one, it is served
 # only on a developer machine (the embedded servers), as it counts every user's jobs.
 QUIVER_METRICS_TOKEN = os.environ.get("QUIVER_METRICS_TOKEN") or None

@@ -282,3 +282,39 @@ def test_the_merge_page_lists_your_stored_merges_and_removes_them(registry, make
     assert "was removed; merging the same adapters again makes it again" in page and short not in page
     assert not MergedCheckpoint.objects.exists()
     assert client.post(f"/merges/{result['merge_id']}/delete/").status_code == 404
+
+
+def test_a_user_may_have_only_so_many_jobs_queued_or_running(registry, make_user, client_for, settings):
+    """Past QUIVER_MAX_ACTIVE_JOBS_PER_USER of their own queued or running jobs, a user's request
+    is refused with 429 and queues nothing; the hub's own jobs (an upload's embedding) do not count,
+    a reused merge queues nothing and is answered, a finished or cancelled job frees its slot, and
+    staff have no limit."""
+    from hub.models import Job
+
+    settings.QUIVER_MAX_ACTIVE_JOBS_PER_USER = 2
+    alice, ops = make_user("alice"), make_user("ops", is_staff=True)
+    merge_of(client_for(alice), 1.0)  # stored: an identical request is answered at once
+    compose = {"adapters": [{"id": "quiver-demo/ticket-summarizer", "weight": 0.5}], "method": "linear"}
+    held = []  # two of their own queued (no task sent: they stay queued), and one of the hub's
+    for user in (alice, ops):
+        held += Job.objects.bulk_create([Job(kind=Job.Kind.MERGE, owner=user), Job(kind=Job.Kind.GENERATE, owner=user),
+                                         Job(kind=Job.Kind.EMBED, owner=user)])
+    jobs_before = Job.objects.count()
+
+    refused = client_for(alice).post("/api/v1/compositions/", compose, format="json")
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_jobs"
+    assert "2 jobs queued or running" in refused.json()["error"]["message"]
+    assert Job.objects.count() == jobs_before
+    reused = client_for(alice).post("/api/v1/merges/", {"base_model": "quiver-demo/tiny-llama", "adapters": [
+        {"id": "quiver-demo/ticket-summarizer", "weight": 1.0}]}, format="json")
+    assert reused.status_code == 200
+
+    staff = client_for(ops).post("/api/v1/compositions/", compose, format="json")
+    assert staff.status_code == 202
+    assert wait_for_job(staff.json()["id"]).state == Job.State.SUCCEEDED
+
+    Job.objects.filter(id=held[0].id).update(state=Job.State.CANCELLED)  # alice's held merge
+    accepted = client_for(alice).post("/api/v1/compositions/", {**compose, "name": "mine"}, format="json")
+    assert accepted.status_code == 202, accepted.json()
+    assert wait_for_job(accepted.json()["id"]).state == Job.State.SUCCEEDED
+    Job.objects.filter(id__in=[job.id for job in held]).update(state=Job.State.CANCELLED)  # nothing left waiting

@@ -29,7 +29,7 @@ from hub.selectors import (base_model_commit, get_adapter, get_base_model, get_r
                            merge_identity)
 from hub.services.adapters import adapter_made_by, check_new_adapter, upload_canonical_adapter
 from hub.services.files import IncomingFile, store_blobs
-from hub.services.jobs import JobReporter, enqueue_job
+from hub.services.jobs import JobReporter, enqueue_requested_job
 from kernels.compose import METHODS, compose_adapters
 
 MAX_ADAPTERS = 16
@@ -107,7 +107,7 @@ def request_composition(*, user, adapters: list[dict], method: str, params: dict
     digest = hashlib.sha256(json.dumps([[i.as_json() for i in inputs], method, params], sort_keys=True).encode())
     name = name or f"composed-{method.replace('_', '-')}-{digest.hexdigest()[:8]}"
     check_new_adapter(user, namespace, name, visibility)
-    return enqueue_job(kind=Job.Kind.COMPOSE, owner=user, params={
+    return enqueue_requested_job(kind=Job.Kind.COMPOSE, user=user, params={
         "adapters": [i.as_json() for i in inputs], "method": method, "params": params, "namespace": namespace,
         "name": name, "description": description, "visibility": visibility})
 
@@ -205,7 +205,7 @@ def request_merge(*, user, base_model: str, adapters: list[dict], method: str = 
     if stored is not None:  # identical request: answer with the stored checkpoint, no work queued
         return Job.objects.create(kind=Job.Kind.MERGE, owner=user, params=spec, state=Job.State.SUCCEEDED,
                                   progress=1.0, message="reused a stored merge", result=merged_files_result(stored))
-    return enqueue_job(kind=Job.Kind.MERGE, owner=user, params=spec)
+    return enqueue_requested_job(kind=Job.Kind.MERGE, user=user, params=spec)
 
 
 def merge_job(job: Job, reporter: JobReporter) -> dict:

@@ -35,7 +35,7 @@ from hub.models import Adapter, BaseModel, GeneratorArtifact, Job, Revision, Vis
 from hub.selectors import get_base_model, latest_generator, load_revision_adapter
 from hub.services.adapters import adapter_made_by, check_new_adapter, upload_canonical_adapter
 from hub.services.files import IncomingFile, store_blobs
-from hub.services.jobs import JobReporter, enqueue_job
+from hub.services.jobs import JobReporter, enqueue_requested_job, enqueue_requested_jobs
 
 MIN_EXPERTS = 4
 # Where generators learn (generation/generators.py). Parameter space is the default: on the zoo,
@@ -93,11 +93,11 @@ def request_generator_training(*, user, base_model: str, methods: list[str] | No
         raise Conflict("too_few_experts", f"{base.full_name} needs at least {MIN_EXPERTS} public adapters with "
                                           f"descriptions to train a generator.", field="base_model")
     settings = {"steps": steps} if steps else {}
-    return [enqueue_job(kind=Job.Kind.TRAIN_GENERATOR, owner=user,
-                        params={"base_model_id": base.id, "method": m, "settings": settings, "space": space,
-                                "conjunctions": bool(conjunctions),
-                                "conjunction_steps": conjunction_steps or CONJUNCTION_STEPS})
-            for m in methods]
+    return enqueue_requested_jobs(user=user, jobs=[
+        (Job.Kind.TRAIN_GENERATOR, {"base_model_id": base.id, "method": m, "settings": settings, "space": space,
+                                    "conjunctions": bool(conjunctions),
+                                    "conjunction_steps": conjunction_steps or CONJUNCTION_STEPS})
+        for m in methods])
 
 
 def _population(base: BaseModel, reporter: JobReporter):
@@ -304,7 +304,7 @@ def request_generation(*, user, description, base_model, method, k=None, visibil
     namespace = namespace or user.username
     name = name or f"generated-{_slugify(description)}-{uuid.uuid4().hex[:6]}"
     check_new_adapter(user, namespace, name, visibility)
-    return enqueue_job(kind=Job.Kind.GENERATE, owner=user, params={
+    return enqueue_requested_job(kind=Job.Kind.GENERATE, user=user, params={
         "description": description.strip(), "base_model_id": base.id, "method": method, "generator_id": artifact.id,
         "k": k, "namespace": namespace, "name": name, "visibility": visibility})
 

@@ -11,10 +11,12 @@ import traceback
 from collections.abc import Callable
 
 from celery import current_app
+from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from hub.errors import Conflict
+from hub.errors import Conflict, TooManyJobs
 from hub.models import Job
 from hub.selectors import get_job
 
@@ -40,6 +42,31 @@ def enqueue_job(*, kind: str, owner, params: dict) -> Job:
     task_name, queue = TASKS[kind]
     transaction.on_commit(lambda: current_app.send_task(task_name, args=[str(job.id)], queue=queue))
     return job
+
+
+# The jobs users ask for; the hub's own (an upload's analysis and embeddings) are not counted.
+REQUESTED_KINDS = (Job.Kind.COMPOSE, Job.Kind.MERGE, Job.Kind.GENERATE, Job.Kind.TRAIN_GENERATOR)
+
+
+def enqueue_requested_jobs(*, user, jobs: list[tuple[str, dict]]) -> list[Job]:
+    """enqueue_job for (kind, params) pairs a user asked for, within their share of the workers: at
+    most QUIVER_MAX_ACTIVE_JOBS_PER_USER of theirs queued or running (staff, and 0: no limit), so
+    one user's batch cannot fill the gpu queue ahead of everyone else. Requests of one user are
+    counted one at a time (their user row locked), so two at once cannot both take the last slot."""
+    limit = settings.QUIVER_MAX_ACTIVE_JOBS_PER_USER
+    with transaction.atomic():
+        if limit and not user.is_staff:
+            get_user_model().objects.select_for_update().filter(pk=user.pk).first()
+            active = Job.objects.filter(owner=user, kind__in=REQUESTED_KINDS,
+                                        state__in=(Job.State.QUEUED, Job.State.RUNNING)).count()
+            if active + len(jobs) > limit:
+                raise TooManyJobs("too_many_jobs", f"You have {active} jobs queued or running and this hub runs at "
+                                  f"most {limit} per user; wait for one to finish, or cancel one.")
+        return [enqueue_job(kind=kind, owner=user, params=params) for kind, params in jobs]
+
+
+def enqueue_requested_job(*, kind: str, user, params: dict) -> Job:
+    return enqueue_requested_jobs(user=user, jobs=[(kind, params)])[0]
 
 
 class JobCancelled(BaseException):
