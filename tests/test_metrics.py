@@ -39,7 +39,7 @@ def test_metrics_count_the_queued_tasks_the_jobs_and_the_stored_merges(celery_wo
     for key, size in (("a" * 64, 1000), ("b" * 64, 2345)):
         MergedCheckpoint.objects.create(key=key, base_model=base, recipe={"adapters": []}, size=size)
 
-    assert app.control.cancel_consumer("gpu", reply=True, timeout=10)
+    assert app.control.cancel_consumer("gpu", reply=True, timeout=10, limit=1)
     queued = []
     try:
         queued = [enqueue_job(kind=Job.Kind.MERGE, owner=alice, params={}) for _ in range(2)]
@@ -48,7 +48,7 @@ def test_metrics_count_the_queued_tasks_the_jobs_and_the_stored_merges(celery_wo
     finally:
         for job in queued:  # delivered once the worker consumes `gpu` again, they do nothing
             cancel_job(user=alice, job_id=job.id)
-        assert app.control.add_consumer("gpu", reply=True, timeout=10)
+        assert app.control.add_consumer("gpu", reply=True, timeout=10, limit=1)
 
     assert metrics[("quiver_queue_length", frozenset({("queue", "gpu")}))] == 2
     assert metrics[("quiver_queue_length", frozenset({("queue", "embed")}))] == 0
