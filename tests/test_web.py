@@ -230,7 +230,20 @@ def test_merge_then_download_the_checkpoint(registry, make_user, page, request):
     sha256, path = downloaded_sha256(page, row.get_by_role("link", name="Download model.safetensors"))
     assert sha256 == listed_sha256
     assert "model.layers.0.self_attn.q_proj.weight" in load_file(path)
+    assert "it is kept until" in page.locator(".job-result").inner_text()
     screenshot(page, request)
+
+    # The job is in the Jobs list; the stored merge is on the merge page, where its maker removes it.
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Jobs").click()
+    page.get_by_role("row", name=re.compile("Merge succeeded 100%")).get_by_role("link", name="Merge").wait_for()
+    screenshot(page, request, "-jobs")
+    page.goto("/merge/")
+    stored = page.get_by_role("row", name="quiver-demo/ticket-summarizer@1")
+    assert "model.safetensors" in stored.inner_text()
+    screenshot(page, request, "-stored")
+    stored.get_by_role("button", name=re.compile("Remove the merge")).click()
+    page.get_by_text("merging the same adapters again makes it again").wait_for()
+    assert page.get_by_text("You have no stored merges.").is_visible()
 
 
 def test_job_page_moves_its_progress_bar_live_and_shows_the_result(make_user, page, request):
