@@ -181,7 +181,7 @@ def test_jobs_that_need_one_uncached_blob_at_once_download_it_once(s3_storage, s
 def _redirected(response, endpoint: str) -> str:
     """The presigned URL a download answered with: the file's object in the bucket at `endpoint`."""
     assert response.status_code == 302, getattr(response, "content", b"")[:300]
-    location = response["Location"] if hasattr(response, "__getitem__") else response.headers["Location"]
+    location = response.headers["Location"]  # a Django test response or a requests one
     assert location.startswith(f"{endpoint}/quiver-test/sha256/") and "X-Amz-Signature=" in location, location
     return location
 
@@ -191,7 +191,7 @@ def test_downloads_on_s3_redirect_to_a_presigned_url_once_authorised(s3_storage,
                                                                     make_user, client_for):
     """With redirects on, the hub authorises a download and answers 302 to a short-lived URL of the
     object, so the bytes never pass through a web worker: Range goes to S3, the file keeps its name,
-    outsiders get the same 404 as before, the URL is signed for the endpoint clients use, and it expires."""
+    outsiders get the same 404 as before, the URL is signed for the endpoint clients use, with its lifetime."""
     from urllib.parse import parse_qs, urlsplit
 
     import requests
