@@ -474,13 +474,14 @@ def find_merged_checkpoint(user, key: str) -> MergedCheckpoint | None:
         return None
 
 
-def merge_list(user) -> list[MergedCheckpoint]:
-    """The stored merges `user` made (staff: all) that they may still see, most recently used first."""
+def merge_list(user) -> QuerySet[MergedCheckpoint] | list[MergedCheckpoint]:
+    """The stored merges `user` made (staff: all) that they may still see, most recently used first.
+    Staff see every merge, so theirs stays a queryset: a page reads only its own rows."""
     merges = (MergedCheckpoint.objects.select_related("base_model").prefetch_related("files__blob")
               .order_by("-last_used_at", "-pk"))
-    if not user.is_staff:
-        merges = merges.filter(created_by=user)
-    return _merges_visible_to(user, list(merges))
+    if user.is_staff:
+        return merges
+    return _merges_visible_to(user, list(merges.filter(created_by=user)))
 
 
 def merge_identity(checkpoint: MergedCheckpoint) -> dict:

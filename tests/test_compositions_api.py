@@ -269,6 +269,8 @@ def test_the_merge_page_lists_your_stored_merges_and_removes_them(registry, make
     kept_until = MergedCheckpoint.objects.get(key=result["merge_id"]).last_used_at + timezone.timedelta(days=30)
     assert kept_until.strftime("%Y-%m-%d") in page
 
+    staff = client_for(make_user("ops", is_staff=True)).get("/api/v1/merges/?limit=1").json()
+    assert staff["count"] == 1 and staff["results"][0]["merge_id"] == result["merge_id"]  # staff see every merge
     client.force_login(bob)  # bob may make the same merge, but it is not his to remove
     assert "You have no stored merges." in client.get("/merge/").content.decode()
     refused = client.post(f"/merges/{result['merge_id']}/delete/", follow=True).content.decode()
