@@ -127,7 +127,7 @@ class ResolveView(HubView):
         stored = repo.file(filename)
         if repo.kind == "merge":
             merge_id = repo.repo_id.removeprefix(f"{selectors.MERGES_NAMESPACE}/")
-            compositions.mark_merge_used(merge_id, unless_used_within=compositions.MERGE_USE_RESOLUTION)
+            compositions.mark_merge_downloaded(merge_id)
         return blob_download_response(request, sha256=stored.sha256, size=stored.size, filename=filename, extra_headers={
             "X-Repo-Commit": repo.commit, "X-Linked-Etag": f'"{stored.sha256}"', "X-Linked-Size": str(stored.size)})
 

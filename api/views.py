@@ -265,7 +265,7 @@ class MergeFileView(APIView):
     def get(self, request, merge_id, filename):
         checkpoint = selectors.get_merged_checkpoint(request.user, merge_id)
         stored = selectors.get_stored_file(checkpoint.files, filename, f"Merge {merge_id}")
-        compositions.mark_merge_used(merge_id, unless_used_within=compositions.MERGE_USE_RESOLUTION)
+        compositions.mark_merge_downloaded(merge_id)
         return blob_download_response(request, sha256=stored.sha256, size=stored.size, filename=filename)
 
 

@@ -266,6 +266,11 @@ def mark_merge_used(key: str, *, unless_used_within: timedelta | None = None) ->
     return bool(merges.update(last_used_at=now))
 
 
+def mark_merge_downloaded(key: str) -> None:
+    """A download of one of the merge's files (native or through the Hub-compatible API)."""
+    mark_merge_used(key, unless_used_within=MERGE_USE_RESOLUTION)
+
+
 def delete_merge(*, user, checkpoint: MergedCheckpoint) -> None:
     """Rows go now, the bytes with the orphan sweep. A merge is shared by everyone who asks for the
     same recipe, so only whoever made it, or staff, may remove it; anyone may make it again."""
